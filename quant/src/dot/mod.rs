@@ -1,0 +1,148 @@
+//! Block dot products between a quantized weight row and a row of 8-bit activations.
+//!
+//! # The reference arithmetic
+//!
+//! Every kernel, scalar or SIMD, computes the same thing in the same order, so that the
+//! SIMD versions are **bit-identical** to [`scalar`]:
+//! 1. per block `b`, an exact integer dot product `isum_b` between the weight codes and the
+//!    activation codes (unsigned nibbles for Q4_x, signed bytes for Q8_0);
+//! 2. per block, a float contribution, each product rounded to f32 separately (no FMA):
+//!    - Q4_0: `(d_w * d_x) * (isum_b - 8 * sum_x)`
+//!    - Q4_1: `(d_w * d_x) * isum_b + (m_w * d_x) * sum_x`
+//!    - Q8_0: `(d_w * d_x) * isum_b`
+//! 3. contributions accumulate into four lanes, block `b` into lane `b % 4`;
+//! 4. the result is `(lane0 + lane1) + (lane2 + lane3)`.
+//!
+//! Four lanes let SIMD kernels reduce four blocks' integer sums with one horizontal add
+//! chain and keep the float accumulation in one 128-bit register.
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::activation::Q8Row;
+use crate::blocks::WeightFormat;
+
+/// A dot product of one weight row (raw block bytes) with one activation row.
+pub type DotFn = fn(row: &[u8], x: Q8Row<'_>) -> f32;
+
+/// Instruction sets Petrel has kernels for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust, the reference.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 VNNI (256-bit `vpdpbusd`, needs AVX-512 VL) on top of AVX2.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Every instruction set this build has kernels for, the reference first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+
+    /// A short lower-case name (`scalar`, `avx2`, `avx512vnni`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+}
+
+/// The dot-product kernels for one instruction set.
+///
+/// Build it with [`Kernels::detect`] (best available), [`Kernels::scalar`] or
+/// [`Kernels::for_isa`]; a SIMD table can only be obtained on a CPU that supports it.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernels {
+    isa: Isa,
+    q4_0: DotFn,
+    q4_1: DotFn,
+    q8_0: DotFn,
+}
+
+impl Kernels {
+    /// The portable scalar reference.
+    pub const fn scalar() -> Self {
+        Kernels { isa: Isa::Scalar, q4_0: scalar::dot_q4_0, q4_1: scalar::dot_q4_1, q8_0: scalar::dot_q8_0 }
+    }
+
+    /// The kernels for `isa`, or `None` if this CPU (or this build) cannot run them.
+    pub fn for_isa(isa: Isa) -> Option<Self> {
+        match isa {
+            Isa::Scalar => Some(Self::scalar()),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if x86::has_avx2() => Some(Kernels {
+                isa,
+                q4_0: x86::dot_q4_0_avx2,
+                q4_1: x86::dot_q4_1_avx2,
+                q8_0: x86::dot_q8_0_avx2,
+            }),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni if x86::has_avx512vnni() => Some(Kernels {
+                isa,
+                q4_0: x86::dot_q4_0_vnni,
+                q4_1: x86::dot_q4_1_vnni,
+                q8_0: x86::dot_q8_0_vnni,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The fastest kernels this CPU runs (detected at run time with `std`, otherwise
+    /// from the compile-time target features).
+    pub fn detect() -> Self {
+        Self::for_isa(Isa::Avx512Vnni)
+            .or_else(|| Self::for_isa(Isa::Avx2))
+            .unwrap_or_else(Self::scalar)
+    }
+
+    /// The instruction set of these kernels.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The kernel for weights in `format`.
+    #[inline]
+    pub fn for_format(&self, format: WeightFormat) -> DotFn {
+        match format {
+            WeightFormat::Q4_0 => self.q4_0,
+            WeightFormat::Q4_1 => self.q4_1,
+            WeightFormat::Q8_0 => self.q8_0,
+        }
+    }
+
+    /// `Σ_j w_j x_j` for one weight row in `format` against one activation row.
+    ///
+    /// # Panics
+    /// If `row` does not hold exactly `x.blocks()` blocks of `format`.
+    #[inline]
+    pub fn dot(&self, format: WeightFormat, row: &[u8], x: Q8Row<'_>) -> f32 {
+        (self.for_format(format))(row, x)
+    }
+}
+
+/// Checks that `row` and `x` describe the same number of blocks; every kernel calls it
+/// before touching memory, which is what makes the SIMD kernels' unchecked loads sound.
+#[inline(always)]
+fn check_lengths(format: WeightFormat, row: &[u8], x: &Q8Row<'_>) -> usize {
+    let blocks = x.scales.len();
+    assert!(
+        row.len() == blocks * format.block_bytes()
+            && x.qs.len() == blocks * crate::BLOCK_LEN
+            && x.sums.len() == blocks,
+        "dot product operands disagree in length"
+    );
+    blocks
+}
+
+/// Step 4 of the reference arithmetic.
+#[inline(always)]
+fn combine_lanes(lanes: [f32; 4]) -> f32 {
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+}
+
+#[cfg(test)]
+mod tests;

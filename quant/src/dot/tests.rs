@@ -1,0 +1,87 @@
+//! Every instruction set against the scalar reference, bit for bit, on random shapes with
+//! ragged tails (block counts that are not multiples of four) and extreme codes.
+
+use proptest::prelude::*;
+
+use super::{Isa, Kernels};
+use crate::activation::{quantize_row_q8, Q8Row, Q8RowMut};
+use crate::blocks::{write_f16, WeightFormat, BLOCK_LEN};
+
+const FORMATS: [WeightFormat; 3] = [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0];
+
+/// Random weight bytes with valid, finite f16 scales.
+fn weight_row(format: WeightFormat, blocks: usize, bytes: &[u8], scales: &[f32]) -> std::vec::Vec<u8> {
+    let bb = format.block_bytes();
+    let mut row: std::vec::Vec<u8> = (0..blocks * bb).map(|i| bytes[i % bytes.len()]).collect();
+    for b in 0..blocks {
+        write_f16(&mut row, b * bb, scales[b % scales.len()]);
+        if format == WeightFormat::Q4_1 {
+            write_f16(&mut row, b * bb + 2, -scales[(b + 1) % scales.len()] * 3.0);
+        }
+    }
+    row
+}
+
+fn check_all_isas(format: WeightFormat, row: &[u8], x: &[f32]) {
+    let blocks = x.len() / BLOCK_LEN;
+    let mut qs = std::vec![0i8; x.len()];
+    let mut scales = std::vec![0f32; blocks];
+    let mut sums = std::vec![0i32; blocks];
+    quantize_row_q8(x, Q8RowMut { qs: &mut qs, scales: &mut scales, sums: &mut sums });
+    let xr = Q8Row { qs: &qs, scales: &scales, sums: &sums };
+    let reference = Kernels::scalar().dot(format, row, xr);
+    for isa in Isa::ALL {
+        if let Some(kernels) = Kernels::for_isa(isa) {
+            let got = kernels.dot(format, row, xr);
+            assert_eq!(got.to_bits(), reference.to_bits(), "{format:?} {isa:?}: {got} vs {reference}");
+        }
+    }
+}
+
+#[test]
+fn reference_matches_dequantized_float_dot() {
+    for format in FORMATS {
+        for blocks in [1usize, 3, 4, 7, 18] {
+            let x: std::vec::Vec<f32> = (0..blocks * 32).map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5).collect();
+            let row = weight_row(format, blocks, &[0x12, 0xF0, 0x7F, 0x80, 0x5A, 0x0F], &[0.01, 0.02, 0.003]);
+            let mut w = std::vec![0f32; x.len()];
+            crate::blocks::dequantize_row(format, &row, &mut w);
+            let mut qs = std::vec![0i8; x.len()];
+            let (mut s, mut sums) = (std::vec![0f32; blocks], std::vec![0i32; blocks]);
+            quantize_row_q8(&x, Q8RowMut { qs: &mut qs, scales: &mut s, sums: &mut sums });
+            let xq: std::vec::Vec<f32> = (0..x.len()).map(|i| s[i / 32] * qs[i] as f32).collect();
+            let exact: f64 = w.iter().zip(&xq).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let got = Kernels::scalar().dot(format, &row, Q8Row { qs: &qs, scales: &s, sums: &sums });
+            let scale: f64 = w.iter().zip(&xq).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            assert!((got as f64 - exact).abs() <= 1e-5 * scale.max(1.0), "{format:?} {blocks}: {got} vs {exact}");
+        }
+    }
+}
+
+#[test]
+fn extreme_codes_are_bit_identical() {
+    for format in FORMATS {
+        for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
+            let blocks = 9;
+            let row = weight_row(format, blocks, &[fill], &[1.0, -2.0]);
+            let x: std::vec::Vec<f32> = (0..blocks * 32).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            check_all_isas(format, &row, &x);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    #[test]
+    fn simd_is_bit_identical_to_scalar(
+        format_index in 0usize..3,
+        blocks in 1usize..40,
+        bytes in proptest::collection::vec(any::<u8>(), 1..200),
+        scales in proptest::collection::vec(1e-4f32..1.0, 1..8),
+        x in proptest::collection::vec(-50f32..50.0, 40 * 32),
+    ) {
+        let format = FORMATS[format_index];
+        let row = weight_row(format, blocks, &bytes, &scales);
+        check_all_isas(format, &row, &x[..blocks * 32]);
+    }
+}

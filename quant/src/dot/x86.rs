@@ -1,0 +1,249 @@
+//! x86-64 kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd` on
+//! 256-bit registers). Both follow the reference arithmetic of the parent module exactly:
+//! integer block sums are exact, four blocks are reduced at a time into one `__m128i`,
+//! and the float contributions are accumulated lane `b % 4` with separate multiply and add.
+
+use core::arch::x86_64::*;
+
+use super::{check_lengths, combine_lanes, scalar};
+use crate::activation::Q8Row;
+use crate::blocks::{WeightFormat, BLOCK_LEN};
+
+/// True if the AVX2 kernels can run here (AVX2, FMA and F16C).
+pub(super) fn has_avx2() -> bool {
+    #[cfg(feature = "std")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        cfg!(all(target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))
+    }
+}
+
+/// True if the AVX-512 VNNI kernels can run here (also needs AVX-512 VL and the AVX2 set).
+pub(super) fn has_avx512vnni() -> bool {
+    #[cfg(feature = "std")]
+    {
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        has_avx2() && cfg!(all(target_feature = "avx512vnni", target_feature = "avx512vl"))
+    }
+}
+
+/// Expands 16 bytes of packed nibbles into 32 unsigned bytes: low nibbles first (weights
+/// 0..16 of the block), then high nibbles (weights 16..32).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_nibbles(qs: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes at `qs`; the load is unaligned.
+    let packed = unsafe { _mm_loadu_si128(qs as *const __m128i) };
+    let mask = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(packed, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Sums each of four vectors of eight i32 lanes: returns `[Σp0, Σp1, Σp2, Σp3]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce4(p0: __m256i, p1: __m256i, p2: __m256i, p3: __m256i) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
+}
+
+/// Converts the f16 at byte `at` of four consecutive blocks (`stride` bytes apart) to f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn load_f16x4(ptr: *const u8, stride: usize) -> __m128 {
+    // SAFETY: the caller guarantees 2 readable bytes at `ptr + k * stride` for k in 0..4.
+    let read = |k: usize| unsafe { (ptr.add(k * stride) as *const u16).read_unaligned() } as i16;
+    _mm_cvtph_ps(_mm_setr_epi16(read(0), read(1), read(2), read(3), 0, 0, 0, 0))
+}
+
+/// Generates the Q4_0 / Q4_1 / Q8_0 kernels for one way of multiplying unsigned bytes by
+/// signed bytes into eight i32 lanes (`$u8i8`), and one way of multiplying signed weights
+/// (`$s8s8`, returning the exact sum minus a correction applied through `$s8_fix`).
+macro_rules! kernels {
+    (
+        features = $features:literal,
+        $q4_0:ident, $q4_1:ident, $q8_0:ident,
+        u8xi8 = $u8i8:expr,
+        i8xi8 = $i8i8:expr,
+        i8xi8_sum_correction = $fix:expr $(,)?
+    ) => {
+        /// Q4_0 × Q8 (see the parent module for the arithmetic).
+        pub(crate) fn $q4_0(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q4_0, row, &x);
+            // SAFETY: `check_lengths` proved the slice sizes the kernel reads, and these
+            // kernels are only reachable through `Kernels::for_isa`, which checked the CPU.
+            unsafe { q4_kernel::<false>(row, x, blocks) }
+        }
+
+        /// Q4_1 × Q8 (see the parent module for the arithmetic).
+        pub(crate) fn $q4_1(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q4_1, row, &x);
+            // SAFETY: as for Q4_0.
+            unsafe { q4_kernel::<true>(row, x, blocks) }
+        }
+
+        /// Q8_0 × Q8 (see the parent module for the arithmetic).
+        pub(crate) fn $q8_0(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q8_0, row, &x);
+            // SAFETY: as for Q4_0.
+            unsafe { q8_kernel(row, x, blocks) }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q4_kernel<const WITH_MIN: bool>(row: &[u8], x: Q8Row<'_>, blocks: usize) -> f32 {
+            let (block_bytes, qs_at) = if WITH_MIN { (20, 4) } else { (18, 2) };
+            let w = row.as_ptr();
+            let xq = x.qs.as_ptr();
+            let mut acc = _mm_setzero_ps();
+            let mut b = 0;
+            while b + 4 <= blocks {
+                let p = |k: usize| {
+                    // SAFETY: block b + k < blocks: its 16 nibble bytes and 32 activation
+                    // bytes are inside `row` and `x.qs` (checked by the caller).
+                    unsafe {
+                        let n = unpack_nibbles(w.add((b + k) * block_bytes + qs_at));
+                        let v = _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i);
+                        $u8i8(n, v)
+                    }
+                };
+                let isum = reduce4(p(0), p(1), p(2), p(3));
+                // SAFETY: blocks b..b+4 exist in `row` and in `x.scales` / `x.sums`.
+                let (dw, dx, sx) = unsafe {
+                    (
+                        load_f16x4(w.add(b * block_bytes), block_bytes),
+                        _mm_loadu_ps(x.scales.as_ptr().add(b)),
+                        _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i),
+                    )
+                };
+                let dd = _mm_mul_ps(dw, dx);
+                let contribution = if WITH_MIN {
+                    // SAFETY: as above; the minimum sits 2 bytes into each block.
+                    let mw = unsafe { load_f16x4(w.add(b * block_bytes + 2), block_bytes) };
+                    let scaled = _mm_mul_ps(dd, _mm_cvtepi32_ps(isum));
+                    _mm_add_ps(scaled, _mm_mul_ps(_mm_mul_ps(mw, dx), _mm_cvtepi32_ps(sx)))
+                } else {
+                    let centred = _mm_sub_epi32(isum, _mm_slli_epi32(sx, 3));
+                    _mm_mul_ps(dd, _mm_cvtepi32_ps(centred))
+                };
+                acc = _mm_add_ps(acc, contribution);
+                b += 4;
+            }
+            finish(acc, blocks, b, |b| {
+                if WITH_MIN { scalar::q4_1_block(row, &x, b) } else { scalar::q4_0_block(row, &x, b) }
+            })
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn q8_kernel(row: &[u8], x: Q8Row<'_>, blocks: usize) -> f32 {
+            let w = row.as_ptr();
+            let xq = x.qs.as_ptr();
+            let mut acc = _mm_setzero_ps();
+            let mut b = 0;
+            while b + 4 <= blocks {
+                let p = |k: usize| {
+                    // SAFETY: block b + k < blocks: its 32 weight bytes (after the 2-byte
+                    // scale) and 32 activation bytes are inside the checked slices.
+                    unsafe {
+                        let wq = _mm256_loadu_si256(w.add((b + k) * 34 + 2) as *const __m256i);
+                        let v = _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i);
+                        $i8i8(wq, v)
+                    }
+                };
+                // SAFETY: blocks b..b+4 exist in `row` and in `x.scales` / `x.sums`.
+                let (dw, dx, sx) = unsafe {
+                    (
+                        load_f16x4(w.add(b * 34), 34),
+                        _mm_loadu_ps(x.scales.as_ptr().add(b)),
+                        _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i),
+                    )
+                };
+                let isum = $fix(reduce4(p(0), p(1), p(2), p(3)), sx);
+                acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(isum)));
+                b += 4;
+            }
+            finish(acc, blocks, b, |b| scalar::q8_0_block(row, &x, b))
+        }
+    };
+}
+
+/// Adds the blocks after the last full group of four with the scalar contributions, into
+/// the same lanes, then combines the lanes as the reference does.
+#[inline(always)]
+fn finish(acc: __m128, blocks: usize, first: usize, tail: impl Fn(usize) -> f32) -> f32 {
+    let mut lanes = [0f32; 4];
+    // SAFETY: `lanes` is 16 writable bytes; the store is unaligned.
+    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), acc) };
+    for b in first..blocks {
+        lanes[b % 4] += tail(b);
+    }
+    combine_lanes(lanes)
+}
+
+mod avx2 {
+    use super::*;
+
+    /// Unsigned × signed bytes → eight i32 lanes (no saturation: |n| ≤ 15).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn u8xi8(n: __m256i, v: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(n, v), _mm256_set1_epi16(1))
+    }
+
+    /// Signed × signed bytes via |w| and sign(v, w); |w| ≤ 128 and |v| ≤ 127 keep the
+    /// pairwise 16-bit sums below 2^15.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn i8xi8(w: __m256i, v: __m256i) -> __m256i {
+        u8xi8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w))
+    }
+
+    kernels!(
+        features = "avx2,fma,f16c",
+        dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2,
+        u8xi8 = u8xi8,
+        i8xi8 = i8xi8,
+        i8xi8_sum_correction = |isum: __m128i, _sums: __m128i| isum,
+    );
+}
+
+mod vnni {
+    use super::*;
+
+    /// Unsigned × signed bytes → eight i32 lanes with `vpdpbusd`.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    fn u8xi8(n: __m256i, v: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), n, v)
+    }
+
+    /// Signed weights become unsigned by adding 128 (`w ^ 0x80`); the extra `128 Σ v`
+    /// is removed per block from the activation sums.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+    fn i8xi8(w: __m256i, v: __m256i) -> __m256i {
+        u8xi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), v)
+    }
+
+    kernels!(
+        features = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni,
+        u8xi8 = u8xi8,
+        i8xi8 = i8xi8,
+        i8xi8_sum_correction = |isum: __m128i, sums: __m128i| _mm_sub_epi32(isum, _mm_slli_epi32(sums, 7)),
+    );
+}
+
+pub(super) use avx2::{dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2};
+pub(super) use vnni::{dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni};

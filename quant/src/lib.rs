@@ -1,0 +1,22 @@
+//! Petrel's number formats and integer kernels.
+//!
+//! `no_std`, no allocation. The crate holds:
+//! - [`blocks`]: the weight block formats Petrel reads from GGUF files (Q4_0, Q4_1, Q8_0),
+//!   their byte layouts, and dequantization;
+//! - [`activation`]: the 8-bit activation blocks that the integer dot products consume
+//!   (dynamic, per block of 32, absmax scaling);
+//! - [`dot`]: block dot products — a scalar reference and x86 SIMD versions (AVX2,
+//!   AVX-512 VNNI) that are bit-identical to it — and [`dot::Kernels`], the dispatch table.
+#![no_std]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod activation;
+pub mod blocks;
+pub mod dot;
+
+pub use activation::{quantize_row_q8, Q8Row, Q8RowMut};
+pub use blocks::{WeightFormat, BLOCK_LEN};
+pub use dot::Kernels;
