@@ -1,1 +1,274 @@
-fn main() {}
+//! `petrel-bench`: prefill and decode speed of Petrel and of llama.cpp on the same GGUF
+//! files with the same thread counts, in one run, plus the machine's measured read
+//! bandwidth and the decode rate it allows. Writes JSON and a Markdown table.
+//!
+//! Method (mirrors `llama-bench`): prefill = one prompt of N random token ids from an
+//! empty cache, tokens/s = N / time; decode = 128 single-token steps from an empty cache,
+//! tokens/s = 128 / time. Each figure is the best of `--repetitions` runs, which filters
+//! the noise of a shared machine. Ratios are taken between numbers of this run only.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use petrel_models::registry;
+use petrel_runtime::gguf::GgufFile;
+use petrel_runtime::mapped::MappedFile;
+use petrel_runtime::sampler::Pcg32;
+use petrel_runtime::{Model, Session, SessionOptions};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "petrel-bench", about = "Benchmark Petrel against llama.cpp and the machine's memory bandwidth")]
+struct Args {
+    /// GGUF files to measure (default: SmolLM2-135M Q4_1 and Q4_0 from the cache).
+    #[arg(long = "model")]
+    models: Vec<PathBuf>,
+    /// Thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    threads: Vec<usize>,
+    /// Prompt lengths for prefill.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    prompts: Vec<usize>,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    decode: usize,
+    /// Runs per figure; the best is kept.
+    #[arg(long, default_value_t = 3)]
+    repetitions: usize,
+    /// Skip llama.cpp (otherwise run through bench/llama/llama_speed.py).
+    #[arg(long)]
+    no_llama: bool,
+    /// Python interpreter of the llama.cpp venv (see bench/llama/setup.sh).
+    #[arg(long, env = "PETREL_LLAMA_PYTHON")]
+    llama_python: Option<PathBuf>,
+    /// Directory for results (`<name>.json`, `<name>.md`).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Base name of the result files.
+    #[arg(long, default_value = "smollm2-135m")]
+    name: String,
+}
+
+#[derive(Serialize, Debug, Clone)]
+struct Row {
+    model: String,
+    engine: String,
+    threads: usize,
+    test: String,
+    tokens_per_second: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct Report {
+    machine: String,
+    kernels: String,
+    read_bandwidth_gb_s: Vec<(usize, f64)>,
+    weight_bytes_per_token: Vec<(String, usize)>,
+    rows: Vec<Row>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let models = if args.models.is_empty() { default_models()? } else { args.models.clone() };
+    let mut rows = Vec::new();
+    let mut weight_bytes = Vec::new();
+    let mut kernels = String::new();
+
+    let bandwidth: Vec<(usize, f64)> = args.threads.iter().map(|&t| (t, read_bandwidth(t))).collect();
+    for (t, gbs) in &bandwidth {
+        eprintln!("read bandwidth, {t} thread(s): {gbs:.1} GB/s");
+    }
+
+    for path in &models {
+        let name = file_name(path);
+        let file = MappedFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let gguf = GgufFile::parse(file.bytes())?;
+        let model = Model::load(&gguf)?;
+        weight_bytes.push((name.clone(), model.weight_bytes_per_token()));
+        for &threads in &args.threads {
+            let capacity = args.prompts.iter().copied().max().unwrap_or(0).max(args.decode) + 1;
+            let options = SessionOptions { capacity, threads, max_batch: 64, kernels: None };
+            let mut session = Session::new(&model, options)?;
+            kernels = session.kernels().isa().name().to_string();
+            for &n in &args.prompts {
+                let tokens = random_tokens(n, model.config.vocab_size);
+                let best = best_of(args.repetitions, || {
+                    session.reset();
+                    let start = Instant::now();
+                    session.prefill(&tokens).map(|_| ())?;
+                    Ok(n as f64 / start.elapsed().as_secs_f64())
+                })?;
+                eprintln!("petrel {name} t={threads} pp{n}: {best:.1} tok/s");
+                rows.push(Row { model: name.clone(), engine: "petrel".into(), threads, test: format!("pp{n}"), tokens_per_second: best });
+            }
+            let tokens = random_tokens(args.decode, model.config.vocab_size);
+            let best = best_of(args.repetitions, || {
+                session.reset();
+                let start = Instant::now();
+                for &t in &tokens {
+                    session.step(t)?;
+                }
+                Ok(args.decode as f64 / start.elapsed().as_secs_f64())
+            })?;
+            eprintln!("petrel {name} t={threads} tg{}: {best:.1} tok/s", args.decode);
+            rows.push(Row { model: name.clone(), engine: "petrel".into(), threads, test: format!("tg{}", args.decode), tokens_per_second: best });
+        }
+        if !args.no_llama {
+            rows.extend(llama_rows(&args, path, &name)?);
+        }
+    }
+
+    let report = Report { machine: machine_name(), kernels, read_bandwidth_gb_s: bandwidth, weight_bytes_per_token: weight_bytes, rows };
+    std::fs::create_dir_all(&args.out)?;
+    let json = args.out.join(format!("{}.json", args.name));
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    let md = args.out.join(format!("{}.md", args.name));
+    let table = markdown(&report, &args);
+    std::fs::write(&md, &table)?;
+    println!("{table}");
+    eprintln!("wrote {} and {}", json.display(), md.display());
+    Ok(())
+}
+
+fn default_models() -> Result<Vec<PathBuf>> {
+    let dir = registry::cache_dir()?;
+    let q4_1 = registry::resolve("smollm2-135m")?;
+    let q4_0 = dir.join("SmolLM2-135M-Instruct.Q4_0.gguf");
+    if !q4_0.exists() {
+        bail!("{} is missing: run bench/llama/setup.sh (it quantizes Q4_0 with llama.cpp)", q4_0.display());
+    }
+    Ok(vec![q4_1, q4_0])
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+fn random_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = Pcg32::new(1234);
+    (0..n).map(|_| rng.next_u32() % vocab as u32).collect()
+}
+
+fn best_of(repetitions: usize, mut run: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut best = 0f64;
+    for _ in 0..repetitions.max(1) {
+        best = best.max(run()?);
+    }
+    Ok(best)
+}
+
+/// Read bandwidth in GB/s: the best of several passes summing a 512 MiB buffer, split
+/// over `threads` threads.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = 64 << 20; // 64 Mi u64 = 512 MiB
+    let data: Vec<u64> = (0..words as u64).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let chunk = words.div_ceil(threads);
+        let sum: u64 = pool.install(|| {
+            use rayon::prelude::*;
+            data.par_chunks(chunk)
+                .map(|c| {
+                    let mut acc = [0u64; 8];
+                    for block in c.chunks_exact(8) {
+                        for i in 0..8 {
+                            acc[i] = acc[i].wrapping_add(block[i]);
+                        }
+                    }
+                    acc.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+                })
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Runs llama.cpp's `llama-bench` through `bench/llama/llama_speed.py`.
+fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
+    let python = match &args.llama_python {
+        Some(p) => p.clone(),
+        None => registry::cache_dir()?.join("llama-venv/bin/python"),
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("llama/llama_speed.py");
+    let threads: Vec<String> = args.threads.iter().map(|t| t.to_string()).collect();
+    let prompts: Vec<String> = args.prompts.iter().map(|t| t.to_string()).collect();
+    eprintln!("llama.cpp {name}: running llama-bench …");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(path)
+        .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--decode", &args.decode.to_string()])
+        .args(["--repetitions", &args.repetitions.to_string()])
+        .output()
+        .with_context(|| format!("cannot run {} (set up llama.cpp with bench/llama/setup.sh, or pass --no-llama)", python.display()))?;
+    if !output.status.success() {
+        bail!("llama_speed.py failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    #[derive(serde::Deserialize)]
+    struct LlamaRow {
+        threads: usize,
+        test: String,
+        tokens_per_second: f64,
+    }
+    let parsed: Vec<LlamaRow> = serde_json::from_slice(&output.stdout).context("llama_speed.py printed invalid JSON")?;
+    Ok(parsed
+        .into_iter()
+        .map(|r| {
+            eprintln!("llama.cpp {name} t={} {}: {:.1} tok/s", r.threads, r.test, r.tokens_per_second);
+            Row { model: name.to_string(), engine: "llama.cpp".into(), threads: r.threads, test: r.test, tokens_per_second: r.tokens_per_second }
+        })
+        .collect())
+}
+
+fn machine_name() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+fn markdown(report: &Report, args: &Args) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("Machine: {} · Petrel kernels: {}\n\n", report.machine, report.kernels));
+    s.push_str("Read bandwidth (measured in this run): ");
+    let bw: Vec<String> = report.read_bandwidth_gb_s.iter().map(|(t, g)| format!("{g:.1} GB/s with {t} thread(s)")).collect();
+    s.push_str(&bw.join(", "));
+    s.push_str("\n\n| model | threads | test | Petrel tok/s | llama.cpp tok/s | Petrel / llama.cpp | bandwidth bound tok/s |\n|---|---|---|---|---|---|---|\n");
+    let find = |engine: &str, model: &str, threads: usize, test: &str| {
+        report.rows.iter().find(|r| r.engine == engine && r.model == model && r.threads == threads && r.test == test).map(|r| r.tokens_per_second)
+    };
+    for (model, bytes) in &report.weight_bytes_per_token {
+        for &threads in &args.threads {
+            let mut tests: Vec<String> = args.prompts.iter().map(|n| format!("pp{n}")).collect();
+            tests.push(format!("tg{}", args.decode));
+            for test in tests {
+                let ours = find("petrel", model, threads, &test);
+                let theirs = find("llama.cpp", model, threads, &test);
+                let ratio = match (ours, theirs) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                    _ => "–".into(),
+                };
+                let bound = if test.starts_with("tg") {
+                    report.read_bandwidth_gb_s.iter().find(|(t, _)| *t == threads).map_or("–".into(), |(_, g)| format!("{:.0}", g * 1e9 / *bytes as f64))
+                } else {
+                    "–".into()
+                };
+                let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.1}"));
+                s.push_str(&format!("| {model} | {threads} | {test} | {} | {} | {ratio} | {bound} |\n", fmt(ours), fmt(theirs)));
+            }
+        }
+    }
+    s.push_str(&format!(
+        "\nBest of {} runs per figure. Prefill: N random tokens from an empty cache; decode: {} single-token steps from an empty cache (llama-bench's pp/tg tests). Bandwidth bound = measured read bandwidth / weight bytes read per token.\n",
+        args.repetitions, args.decode
+    ));
+    s
+}

@@ -1,1 +1,322 @@
-fn main() {}
+//! `petrel`: run language models on the Petrel runtime.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use petrel_models::{registry, stats};
+use petrel_runtime::gguf::{GgufFile, Value};
+use petrel_runtime::mapped::MappedFile;
+use petrel_runtime::tokenizer::{format_chat, ChatMessage, StreamDecoder};
+use petrel_runtime::{Model, Sampler, SamplerConfig, Session, SessionOptions, StopReason};
+
+/// Petrel runs decoder-only language models from GGUF files on CPUs, from one no_std core.
+#[derive(Parser, Debug)]
+#[command(name = "petrel", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download a known model into the cache ($PETREL_HOME, default ~/.cache/petrel).
+    Pull {
+        /// Model name (known: smollm2-135m).
+        name: String,
+    },
+    /// Generate a reply to one prompt, streaming tokens, then print timings.
+    Run {
+        #[command(flatten)]
+        generation: GenerationArgs,
+        /// Use the prompt as raw text instead of wrapping it in the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// The prompt.
+        prompt: String,
+    },
+    /// Talk with a model interactively; the conversation is kept in the KV cache.
+    Chat {
+        #[command(flatten)]
+        generation: GenerationArgs,
+    },
+    /// Print a GGUF file's metadata and tensor table.
+    Inspect {
+        /// Path to a .gguf file.
+        file: PathBuf,
+        /// Print every element of long arrays (by default only the first few).
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GenerationArgs {
+    /// A known model name (pulled on first use) or a path to a GGUF file.
+    #[arg(long, short, default_value = "smollm2-135m")]
+    model: String,
+    /// Optional system prompt for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens to generate per reply.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// KV-cache capacity in tokens (prompt + reply); 0 = the model's context length.
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// Worker threads (default: all available cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0x5EED)]
+    seed: u64,
+}
+
+impl GenerationArgs {
+    fn sampler(&self, vocab_size: usize) -> Sampler {
+        let config = SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..SamplerConfig::default()
+        };
+        Sampler::new(config, vocab_size)
+    }
+
+    fn session_options(&self) -> SessionOptions {
+        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        SessionOptions { capacity: self.context, threads, ..SessionOptions::default() }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pull { name } => pull(&name),
+        Command::Run { generation, raw, prompt } => run(&generation, raw, &prompt),
+        Command::Chat { generation } => chat(&generation),
+        Command::Inspect { file, full } => inspect(&file, full),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn pull(name: &str) -> Result<()> {
+    let Some(model) = registry::known_model(name) else {
+        let names: Vec<&str> = registry::KNOWN_MODELS.iter().map(|m| m.name).collect();
+        bail!("unknown model {name:?} (known: {})", names.join(", "));
+    };
+    registry::pull(model)?;
+    Ok(())
+}
+
+/// Opens a model file: the map, kept alive by the caller, and its parsed header.
+fn open(spec: &str) -> Result<(PathBuf, MappedFile)> {
+    let path = registry::resolve(spec)?;
+    let file = MappedFile::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok((path, file))
+}
+
+/// Timings of one reply.
+struct ReplyStats {
+    prompt_tokens: usize,
+    generated: usize,
+    time_to_first_token: Duration,
+    prefill: Duration,
+    decode: Duration,
+}
+
+impl ReplyStats {
+    fn print(&self) {
+        let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+        let peak = stats::peak_memory_bytes().map_or_else(|| "unknown".into(), stats::format_bytes);
+        eprintln!(
+            "[TTFT {:.1} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s | peak memory {peak}]",
+            self.time_to_first_token.as_secs_f64() * 1e3,
+            self.prompt_tokens,
+            rate(self.prompt_tokens, self.prefill),
+            self.generated,
+            rate(self.generated.saturating_sub(1), self.decode),
+        );
+    }
+}
+
+/// Generates one reply to `tokens`, streaming text to stdout.
+fn reply(session: &mut Session<'_, '_>, sampler: &mut Sampler, tokens: &[u32], max_tokens: usize) -> Result<ReplyStats> {
+    let tokenizer = &session.model().tokenizer;
+    let mut decoder = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    let start = Instant::now();
+    let mut first_token_at = None;
+    let mut generated = 0;
+    let mut write_error = None;
+    let stop = session.generate(tokens, sampler, max_tokens, |token| {
+        first_token_at.get_or_insert_with(Instant::now);
+        generated += 1;
+        let text = decoder.push(tokenizer, token);
+        if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
+            write_error = Some(e);
+            return false;
+        }
+        true
+    });
+    let end = Instant::now();
+    let stop = stop?;
+    if let Some(e) = write_error {
+        return Err(e).context("cannot write to stdout");
+    }
+    writeln!(stdout)?;
+    if stop == StopReason::ContextFull {
+        eprintln!("(stopped: the context of {} tokens is full)", session.capacity());
+    }
+    let first = first_token_at.unwrap_or(end);
+    Ok(ReplyStats {
+        prompt_tokens: tokens.len(),
+        generated,
+        time_to_first_token: first - start,
+        prefill: first - start,
+        decode: end - first,
+    })
+}
+
+fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
+    let (_, file) = open(&args.model)?;
+    let gguf = GgufFile::parse(file.bytes())?;
+    let model = Model::load(&gguf)?;
+    let text = if raw {
+        prompt.to_string()
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() });
+        format_chat(&messages, true)
+    };
+    let tokens = model.tokenizer.encode(&text, !raw);
+    let mut session = Session::new(&model, args.session_options())?;
+    if tokens.len() >= session.capacity() {
+        bail!("the prompt has {} tokens but the context holds {} (raise --context)", tokens.len(), session.capacity());
+    }
+    let mut sampler = args.sampler(model.config.vocab_size);
+    reply(&mut session, &mut sampler, &tokens, args.max_tokens)?.print();
+    Ok(())
+}
+
+fn chat(args: &GenerationArgs) -> Result<()> {
+    let (path, file) = open(&args.model)?;
+    let gguf = GgufFile::parse(file.bytes())?;
+    let model = Model::load(&gguf)?;
+    let mut session = Session::new(&model, args.session_options())?;
+    let mut sampler = args.sampler(model.config.vocab_size);
+    eprintln!(
+        "petrel chat — {} ({} tokens of context). Type a message; /reset clears the history, /quit or Ctrl-D ends.",
+        path.display(),
+        session.capacity()
+    );
+    let mut pending_system = args.system.clone();
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                session.reset();
+                pending_system = args.system.clone();
+                eprintln!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        let mut messages = Vec::new();
+        if let Some(system) = pending_system.take() {
+            messages.push(ChatMessage { role: "system".into(), content: system });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: line.to_string() });
+        // The previous reply's end-of-turn token was sampled but not fed back: close it.
+        let mut text = if session.position() > 0 { "<|im_end|>\n".to_string() } else { String::new() };
+        text.push_str(&format_chat(&messages, true));
+        let tokens = model.tokenizer.encode(&text, true);
+        let start = session.position();
+        if start + tokens.len() + 1 > session.capacity() {
+            eprintln!("(the conversation no longer fits the context; use /reset)");
+            continue;
+        }
+        match reply(&mut session, &mut sampler, &tokens, args.max_tokens) {
+            Ok(stats) => stats.print(),
+            Err(e) => {
+                session.truncate(start);
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path, full: bool) -> Result<()> {
+    let file = MappedFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let gguf = GgufFile::parse(file.bytes()).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+    println!("{}: GGUF v{}, {} bytes, alignment {}, data at byte {}", path.display(), gguf.version, file.bytes().len(), gguf.alignment, gguf.data_offset);
+    println!("\nmetadata ({} keys):", gguf.metadata().len());
+    for (key, value) in gguf.metadata() {
+        println!("  {key} = {}", describe(value, full));
+    }
+    println!("\ntensors ({}):", gguf.tensors().len());
+    println!("  {:<32} {:>6} {:>18} {:>12} {:>12}", "name", "type", "shape", "bytes", "offset");
+    let mut total = 0usize;
+    for t in gguf.tensors() {
+        let shape: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+        println!("  {:<32} {:>6} {:>18} {:>12} {:>12}", t.name, t.ty.name(), shape.join("×"), t.data.len(), t.offset);
+        total += t.data.len();
+    }
+    println!("  total tensor bytes: {total}");
+    Ok(())
+}
+
+fn describe(value: &Value<'_>, full: bool) -> String {
+    match value {
+        Value::String(s) if !full && s.len() > 120 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(120)], s.len()),
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(a) => {
+            let shown = if full { a.len() } else { a.len().min(8) };
+            let items: Vec<String> = a.iter().take(shown).map(|v| describe(&v, full)).collect();
+            let more = if shown < a.len() { format!(", … ({} total)", a.len()) } else { String::new() };
+            format!("[{}{more}]", items.join(", "))
+        }
+        Value::U8(v) => v.to_string(),
+        Value::I8(v) => v.to_string(),
+        Value::U16(v) => v.to_string(),
+        Value::I16(v) => v.to_string(),
+        Value::U32(v) => v.to_string(),
+        Value::I32(v) => v.to_string(),
+        Value::U64(v) => v.to_string(),
+        Value::I64(v) => v.to_string(),
+        Value::F32(v) => v.to_string(),
+        Value::F64(v) => v.to_string(),
+        Value::Bool(v) => v.to_string(),
+    }
+}

@@ -1,0 +1,249 @@
+//! Weight matrices and the matrix multiplication on their stored blocks.
+//!
+//! A [`Linear`] borrows a GGUF tensor of `rows × cols` (ggml dims `[cols, rows]`, each row
+//! contiguous). Quantized weights (Q4_0, Q4_1, Q8_0) are multiplied directly against
+//! 8-bit activation blocks ([`ActivationBatch`]) by `petrel-quant`'s integer kernels;
+//! F32 and F16 weights against the float activations.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use petrel_quant::{blocks, quantize_row_q8, Kernels, Q8Row, Q8RowMut, WeightFormat, BLOCK_LEN};
+
+use crate::gguf::{TensorInfo, TensorType};
+use crate::model::ModelError;
+use crate::parallel::ThreadPool;
+
+/// How a weight matrix's elements are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// Blocks of 32 computed on by the integer kernels.
+    Quantized(WeightFormat),
+    /// Little-endian f32.
+    F32,
+    /// Little-endian IEEE f16.
+    F16,
+}
+
+impl WeightStorage {
+    fn of(ty: TensorType) -> Option<Self> {
+        Some(match ty {
+            TensorType::Q4_0 => WeightStorage::Quantized(WeightFormat::Q4_0),
+            TensorType::Q4_1 => WeightStorage::Quantized(WeightFormat::Q4_1),
+            TensorType::Q8_0 => WeightStorage::Quantized(WeightFormat::Q8_0),
+            TensorType::F32 => WeightStorage::F32,
+            TensorType::F16 => WeightStorage::F16,
+            _ => return None,
+        })
+    }
+
+    fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            WeightStorage::Quantized(f) => cols / BLOCK_LEN * f.block_bytes(),
+            WeightStorage::F32 => cols * 4,
+            WeightStorage::F16 => cols * 2,
+        }
+    }
+}
+
+/// A `rows × cols` weight matrix borrowed from the model file, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct Linear<'a> {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Element storage.
+    pub storage: WeightStorage,
+    data: &'a [u8],
+}
+
+impl<'a> Linear<'a> {
+    /// Wraps `tensor`, checking that it is a `rows × cols` matrix of a supported type.
+    pub fn new(tensor: &TensorInfo<'a>, rows: usize, cols: usize) -> Result<Self, ModelError> {
+        if tensor.n_dims > 2 || tensor.dims[0] != cols as u64 || tensor.dims[1] != rows as u64 || cols % BLOCK_LEN != 0
+        {
+            return Err(ModelError::BadTensorShape {
+                tensor: tensor.name.into(),
+                expected: vec![cols as u64, rows as u64],
+                found: tensor.shape().to_vec(),
+            });
+        }
+        let storage = WeightStorage::of(tensor.ty)
+            .ok_or(ModelError::UnsupportedTensorType { tensor: tensor.name.into(), ty: tensor.ty.name() })?;
+        Ok(Linear { rows, cols, storage, data: tensor.data })
+    }
+
+    /// Bytes of the whole matrix.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The stored bytes of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let n = self.storage.row_bytes(self.cols);
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Writes row `r` as f32 into `out` (`cols` long): an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let row = self.row(r);
+        match self.storage {
+            WeightStorage::Quantized(format) => blocks::dequantize_row(format, row, out),
+            WeightStorage::F32 => {
+                for (o, b) in out.iter_mut().zip(row.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            WeightStorage::F16 => {
+                for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+        }
+    }
+
+    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
+    /// by token (`out` is `x.tokens() × rows`). `scratch` holds `rows × tokens` floats.
+    pub fn matmul(&self, kernels: &Kernels, x: &ActivationBatch, out: &mut [f32], scratch: &mut [f32], pool: &ThreadPool) {
+        let tokens = x.tokens;
+        debug_assert_eq!(x.cols, self.cols);
+        let rows_per_task = rows_per_task(self.rows, pool.threads());
+        // Work is split by output rows; each task writes its rows for every token,
+        // row-major by weight row. With several tokens that goes to `scratch` and is then
+        // transposed into `out` (row-major by token); with one token the layouts agree.
+        let fill = |target: &mut [f32]| {
+            pool.for_each_chunk(target, rows_per_task * tokens, |task, chunk| {
+                let first_row = task * rows_per_task;
+                for (i, row_out) in chunk.chunks_exact_mut(tokens).enumerate() {
+                    self.row_times_batch(kernels, first_row + i, x, row_out);
+                }
+            })
+        };
+        if tokens == 1 {
+            fill(&mut out[..self.rows]);
+            return;
+        }
+        let by_row = &mut scratch[..tokens * self.rows];
+        fill(by_row);
+        for (r, column) in by_row.chunks_exact(tokens).enumerate() {
+            for (t, &v) in column.iter().enumerate() {
+                out[t * self.rows + r] = v;
+            }
+        }
+    }
+}
+
+impl Linear<'_> {
+    /// `out[t] = W[r] · x[t]` for every token of the batch.
+    #[inline]
+    fn row_times_batch(&self, kernels: &Kernels, r: usize, x: &ActivationBatch, out: &mut [f32]) {
+        let row = self.row(r);
+        match self.storage {
+            WeightStorage::Quantized(format) => {
+                let dot = kernels.for_format(format);
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = dot(row, x.q8_row(t));
+                }
+            }
+            WeightStorage::F32 | WeightStorage::F16 => {
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = float_dot(self.storage, row, x.f32_row(t));
+                }
+            }
+        }
+    }
+}
+
+/// Rows per parallel task: several tasks per thread to balance load, at least 8 rows.
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    let tasks = threads * 4;
+    rows.div_ceil(tasks).max(8)
+}
+
+fn float_dot(storage: WeightStorage, row: &[u8], x: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    match storage {
+        WeightStorage::F32 => {
+            for (b, &v) in row.chunks_exact(4).zip(x) {
+                sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v;
+            }
+        }
+        _ => {
+            for (b, &v) in row.chunks_exact(2).zip(x) {
+                sum += half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() * v;
+            }
+        }
+    }
+    sum
+}
+
+/// A batch of activation rows, in f32 and quantized to 8-bit blocks, allocated once for
+/// up to `max_tokens × max_cols`.
+#[derive(Debug)]
+pub struct ActivationBatch {
+    f32: Vec<f32>,
+    qs: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+    tokens: usize,
+    cols: usize,
+}
+
+impl ActivationBatch {
+    /// Storage for up to `max_tokens` rows of up to `max_cols` (a multiple of 32) values.
+    pub fn new(max_tokens: usize, max_cols: usize) -> Self {
+        let blocks = max_tokens * max_cols / BLOCK_LEN;
+        ActivationBatch {
+            f32: vec![0.0; max_tokens * max_cols],
+            qs: vec![0; max_tokens * max_cols],
+            scales: vec![0.0; blocks],
+            sums: vec![0; blocks],
+            tokens: 0,
+            cols: 0,
+        }
+    }
+
+    /// Loads `x` (`tokens × cols`, row-major) and quantizes every row.
+    pub fn load(&mut self, x: &[f32], tokens: usize, cols: usize) {
+        let n = tokens * cols;
+        self.tokens = tokens;
+        self.cols = cols;
+        self.f32[..n].copy_from_slice(&x[..n]);
+        let blocks = n / BLOCK_LEN;
+        for t in 0..tokens {
+            let (b0, b1) = (t * cols / BLOCK_LEN, (t + 1) * cols / BLOCK_LEN);
+            quantize_row_q8(
+                &x[t * cols..(t + 1) * cols],
+                Q8RowMut {
+                    qs: &mut self.qs[t * cols..(t + 1) * cols],
+                    scales: &mut self.scales[b0..b1],
+                    sums: &mut self.sums[b0..b1],
+                },
+            );
+        }
+        debug_assert!(blocks <= self.scales.len());
+    }
+
+    /// Number of rows loaded.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Row `t`, quantized.
+    #[inline]
+    pub fn q8_row(&self, t: usize) -> Q8Row<'_> {
+        let (b0, b1) = (t * self.cols / BLOCK_LEN, (t + 1) * self.cols / BLOCK_LEN);
+        Q8Row {
+            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
+            scales: &self.scales[b0..b1],
+            sums: &self.sums[b0..b1],
+        }
+    }
+
+    /// Row `t`, in f32.
+    #[inline]
+    pub fn f32_row(&self, t: usize) -> &[f32] {
+        &self.f32[t * self.cols..(t + 1) * self.cols]
+    }
+}

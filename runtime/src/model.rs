@@ -1,0 +1,173 @@
+//! The Llama-family model: its weights, borrowed from a GGUF file, and load-time checks.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::config::LlamaConfig;
+use crate::gguf::{GgufError, GgufFile, TensorInfo, TensorType};
+use crate::linear::Linear;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// Why a model could not be loaded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelError {
+    /// The file itself is malformed.
+    Gguf(GgufError),
+    /// The tokenizer metadata is missing or malformed.
+    Tokenizer(TokenizerError),
+    /// `general.architecture` names a family Petrel does not run.
+    UnsupportedArchitecture(String),
+    /// A required metadata key is absent.
+    MissingMetadata(String),
+    /// A metadata value has the wrong type or an impossible value.
+    BadMetadata { key: String, reason: &'static str },
+    /// A required tensor is absent.
+    MissingTensor(String),
+    /// A tensor's shape (ggml order, innermost first) differs from what the metadata implies.
+    BadTensorShape { tensor: String, expected: Vec<u64>, found: Vec<u64> },
+    /// A tensor stored in a type this backend cannot compute with.
+    UnsupportedTensorType { tensor: String, ty: &'static str },
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelError::Gguf(e) => write!(f, "invalid GGUF file: {e}"),
+            ModelError::Tokenizer(e) => write!(f, "invalid tokenizer: {e}"),
+            ModelError::UnsupportedArchitecture(a) => write!(f, "unsupported architecture {a:?} (supported: llama)"),
+            ModelError::MissingMetadata(k) => write!(f, "metadata key {k:?} is missing"),
+            ModelError::BadMetadata { key, reason } => write!(f, "metadata key {key:?} is invalid: {reason}"),
+            ModelError::MissingTensor(t) => write!(f, "tensor {t:?} is missing"),
+            ModelError::BadTensorShape { tensor, expected, found } => {
+                write!(f, "tensor {tensor:?} has shape {found:?}, expected {expected:?}")
+            }
+            ModelError::UnsupportedTensorType { tensor, ty } => {
+                write!(f, "tensor {tensor:?} has type {ty}, which the native backend cannot compute with")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for ModelError {}
+
+impl From<GgufError> for ModelError {
+    fn from(e: GgufError) -> Self {
+        ModelError::Gguf(e)
+    }
+}
+
+impl From<TokenizerError> for ModelError {
+    fn from(e: TokenizerError) -> Self {
+        ModelError::Tokenizer(e)
+    }
+}
+
+/// The weights of one transformer block.
+#[derive(Debug)]
+pub struct LayerWeights<'a> {
+    /// RMSNorm gain before attention, `dim` long.
+    pub attn_norm: Vec<f32>,
+    /// Query projection, `dim × dim` (rows permuted for interleaved RoPE, as GGUF stores them).
+    pub wq: Linear<'a>,
+    /// Key projection, `kv_dim × dim` (permuted likewise).
+    pub wk: Linear<'a>,
+    /// Value projection, `kv_dim × dim`.
+    pub wv: Linear<'a>,
+    /// Attention output projection, `dim × dim`.
+    pub wo: Linear<'a>,
+    /// RMSNorm gain before the MLP, `dim` long.
+    pub ffn_norm: Vec<f32>,
+    /// SwiGLU gate projection, `ffn_dim × dim`.
+    pub w_gate: Linear<'a>,
+    /// SwiGLU up projection, `ffn_dim × dim`.
+    pub w_up: Linear<'a>,
+    /// SwiGLU down projection, `dim × ffn_dim`.
+    pub w_down: Linear<'a>,
+}
+
+/// A loaded model: hyper-parameters, weights borrowed from the file, and the tokenizer.
+#[derive(Debug)]
+pub struct Model<'a> {
+    /// Hyper-parameters from the metadata.
+    pub config: LlamaConfig,
+    /// Token embedding table, `vocab_size × dim`.
+    pub token_embedding: Linear<'a>,
+    /// Transformer blocks, in order.
+    pub layers: Vec<LayerWeights<'a>>,
+    /// Final RMSNorm gain, `dim` long.
+    pub output_norm: Vec<f32>,
+    /// Output head, `vocab_size × dim`; the embedding table itself when the file ties them.
+    pub output: Linear<'a>,
+    /// The tokenizer stored in the file.
+    pub tokenizer: Tokenizer,
+}
+
+impl<'a> Model<'a> {
+    /// Builds the model from a parsed file, checking every tensor's presence, shape and type.
+    pub fn load(file: &GgufFile<'a>) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let tokenizer = Tokenizer::from_gguf(file)?;
+        if tokenizer.vocab_size() != config.vocab_size {
+            return Err(ModelError::BadTensorShape {
+                tensor: "token_embd.weight".to_string(),
+                expected: alloc::vec![config.dim as u64, tokenizer.vocab_size() as u64],
+                found: alloc::vec![config.dim as u64, config.vocab_size as u64],
+            });
+        }
+        let tensor = |name: &str| file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()));
+        let linear = |name: &str, rows: usize, cols: usize| Linear::new(tensor(name)?, rows, cols);
+        let (dim, kv_dim, ffn) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let token_embedding = linear("token_embd.weight", config.vocab_size, dim)?;
+        let output = match file.tensor("output.weight") {
+            Some(t) => Linear::new(t, config.vocab_size, dim)?,
+            None => token_embedding,
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for l in 0..config.layers {
+            let name = |suffix: &str| alloc::format!("blk.{l}.{suffix}");
+            layers.push(LayerWeights {
+                attn_norm: vector(tensor(&name("attn_norm.weight"))?, dim)?,
+                wq: linear(&name("attn_q.weight"), dim, dim)?,
+                wk: linear(&name("attn_k.weight"), kv_dim, dim)?,
+                wv: linear(&name("attn_v.weight"), kv_dim, dim)?,
+                wo: linear(&name("attn_output.weight"), dim, dim)?,
+                ffn_norm: vector(tensor(&name("ffn_norm.weight"))?, dim)?,
+                w_gate: linear(&name("ffn_gate.weight"), ffn, dim)?,
+                w_up: linear(&name("ffn_up.weight"), ffn, dim)?,
+                w_down: linear(&name("ffn_down.weight"), dim, ffn)?,
+            });
+        }
+        let output_norm = vector(tensor("output_norm.weight")?, dim)?;
+        Ok(Model { config, token_embedding, layers, output_norm, output, tokenizer })
+    }
+
+    /// Bytes of weights read per decoded token (every matrix once; norms ignored).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| [l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down].iter().map(|w| w.bytes()).sum::<usize>())
+            .sum();
+        per_layer + self.output.bytes() + self.token_embedding.row(0).len()
+    }
+}
+
+/// Copies a 1-D F32 (or F16) tensor of `len` values.
+fn vector(t: &TensorInfo<'_>, len: usize) -> Result<Vec<f32>, ModelError> {
+    if t.n_dims != 1 || t.dims[0] != len as u64 {
+        return Err(ModelError::BadTensorShape {
+            tensor: t.name.to_string(),
+            expected: alloc::vec![len as u64],
+            found: t.shape().to_vec(),
+        });
+    }
+    match t.ty {
+        TensorType::F32 => Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+        TensorType::F16 => {
+            Ok(t.data.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect())
+        }
+        other => Err(ModelError::UnsupportedTensorType { tensor: t.name.to_string(), ty: other.name() }),
+    }
+}

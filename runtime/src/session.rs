@@ -1,0 +1,225 @@
+//! A generation session: one model, one KV cache allocated once, and the decode loop.
+
+use alloc::vec;
+use core::fmt;
+use petrel_quant::Kernels;
+
+use crate::forward::{forward, Compute, Logits, RunState};
+use crate::kv_cache::KvCache;
+use crate::model::Model;
+use crate::parallel::ThreadPool;
+use crate::sampler::Sampler;
+
+/// How a session is set up.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Positions the KV cache holds (prompt plus generated tokens); `0` means the model's
+    /// trained context length.
+    pub capacity: usize,
+    /// Tokens per prefill batch (bounds scratch memory: about `max_batch × 4 × ffn_dim × 4`
+    /// bytes).
+    pub max_batch: usize,
+    /// Threads for matmuls and attention (ignored without `std`).
+    pub threads: usize,
+    /// Dot-product kernels; `None` picks the fastest this CPU runs.
+    pub kernels: Option<Kernels>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { capacity: 0, max_batch: 64, threads: 1, kernels: None }
+    }
+}
+
+/// Why a session refused work. Nothing is written to the cache when an error is returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionError {
+    /// The tokens do not fit: `needed` positions against a cache of `capacity`.
+    ContextFull { needed: usize, capacity: usize },
+    /// A token id outside the vocabulary.
+    TokenOutOfRange { token: u32, vocab_size: usize },
+    /// Prefill was called with no tokens.
+    EmptyPrompt,
+    /// The requested capacity exceeds the model's trained context length.
+    CapacityTooLarge { requested: usize, context_length: usize },
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionError::ContextFull { needed, capacity } => {
+                write!(f, "the context holds {capacity} tokens but {needed} are needed")
+            }
+            SessionError::TokenOutOfRange { token, vocab_size } => {
+                write!(f, "token id {token} is outside the vocabulary of {vocab_size}")
+            }
+            SessionError::EmptyPrompt => write!(f, "the prompt is empty"),
+            SessionError::CapacityTooLarge { requested, context_length } => {
+                write!(f, "a context of {requested} tokens exceeds the model's {context_length}")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for SessionError {}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    EndOfGeneration,
+    /// `max_new_tokens` were generated.
+    MaxTokens,
+    /// The token callback asked to stop.
+    Callback,
+    /// The KV cache is full.
+    ContextFull,
+}
+
+/// Model, cache and scratch for one conversation.
+#[derive(Debug)]
+pub struct Session<'m, 'a> {
+    model: &'m Model<'a>,
+    cache: KvCache,
+    state: RunState,
+    pool: ThreadPool,
+    kernels: Kernels,
+    position: usize,
+}
+
+impl<'m, 'a> Session<'m, 'a> {
+    /// Allocates the cache and scratch buffers; nothing is allocated after this.
+    pub fn new(model: &'m Model<'a>, options: SessionOptions) -> Result<Self, SessionError> {
+        let context_length = model.config.context_length;
+        let capacity = if options.capacity == 0 { context_length } else { options.capacity };
+        if capacity > context_length {
+            return Err(SessionError::CapacityTooLarge { requested: capacity, context_length });
+        }
+        Ok(Session {
+            model,
+            cache: KvCache::new(&model.config, capacity),
+            state: RunState::new(&model.config, options.max_batch),
+            pool: ThreadPool::new(options.threads),
+            kernels: options.kernels.unwrap_or_else(Kernels::detect),
+            position: 0,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &'m Model<'a> {
+        self.model
+    }
+
+    /// Tokens in the cache so far.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Positions the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Bytes of the KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// The kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Threads in use.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Forgets the conversation (the cache is reused, not freed).
+    pub fn reset(&mut self) {
+        self.position = 0;
+    }
+
+    /// Drops cached positions from `position` on (e.g. to retry a turn).
+    pub fn truncate(&mut self, position: usize) {
+        self.position = self.position.min(position);
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), SessionError> {
+        if tokens.is_empty() {
+            return Err(SessionError::EmptyPrompt);
+        }
+        let needed = self.position + tokens.len();
+        if needed > self.cache.capacity() {
+            return Err(SessionError::ContextFull { needed, capacity: self.cache.capacity() });
+        }
+        let vocab_size = self.model.config.vocab_size;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(SessionError::TokenOutOfRange { token, vocab_size });
+        }
+        Ok(())
+    }
+
+    /// Appends `tokens` to the conversation and returns the logits after the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
+        self.check(tokens)?;
+        let compute = Compute { kernels: self.kernels, pool: &self.pool };
+        forward(self.model, &mut self.state, &mut self.cache, &compute, tokens, self.position, Logits::Last);
+        self.position += tokens.len();
+        Ok(self.state.logits_mut())
+    }
+
+    /// Appends one token and returns the logits after it. Allocates nothing.
+    pub fn step(&mut self, token: u32) -> Result<&mut [f32], SessionError> {
+        self.prefill(&[token])
+    }
+
+    /// Appends `tokens` and writes the logits after *every* one of them into `out`
+    /// (`tokens.len() × vocab_size`, row-major). For evaluation; allocates scratch.
+    pub fn prefill_all_logits(&mut self, tokens: &[u32], out: &mut [f32]) -> Result<(), SessionError> {
+        self.check(tokens)?;
+        let vocab = self.model.config.vocab_size;
+        assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
+        let mut scratch = vec![0.0; vocab * self.state.max_batch()];
+        let compute = Compute { kernels: self.kernels, pool: &self.pool };
+        let logits = Logits::All { out, scratch: &mut scratch };
+        forward(self.model, &mut self.state, &mut self.cache, &compute, tokens, self.position, logits);
+        self.position += tokens.len();
+        Ok(())
+    }
+
+    /// Prefills `prompt`, then samples up to `max_new_tokens`, calling `on_token` with each
+    /// new token as soon as it is chosen (return `false` to stop). The decode loop
+    /// allocates nothing.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        sampler: &mut Sampler,
+        max_new_tokens: usize,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<StopReason, SessionError> {
+        for &t in prompt {
+            sampler.observe(t);
+        }
+        let mut logits = self.prefill(prompt)?;
+        for generated in 0..max_new_tokens {
+            let token = sampler.sample(logits);
+            sampler.observe(token);
+            if self.model.tokenizer.is_end_of_generation(token) {
+                return Ok(StopReason::EndOfGeneration);
+            }
+            if !on_token(token) {
+                return Ok(StopReason::Callback);
+            }
+            if generated + 1 == max_new_tokens {
+                break;
+            }
+            if self.position >= self.cache.capacity() {
+                return Ok(StopReason::ContextFull);
+            }
+            logits = self.step(token)?;
+        }
+        Ok(StopReason::MaxTokens)
+    }
+}
