@@ -17,6 +17,7 @@ extern crate std;
 pub mod config;
 pub mod forward;
 pub mod gguf;
+pub mod gguf_writer;
 pub mod kv_cache;
 pub mod linear;
 #[cfg(feature = "std")]

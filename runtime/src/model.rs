@@ -109,7 +109,7 @@ impl<'a> Model<'a> {
     pub fn load(file: &GgufFile<'a>) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(file)?;
         let tokenizer = Tokenizer::from_gguf(file)?;
-        if tokenizer.vocab_size() != config.vocab_size {
+        if tokenizer.vocab_size() as usize != config.vocab_size {
             return Err(ModelError::BadTensorShape {
                 tensor: "token_embd.weight".to_string(),
                 expected: alloc::vec![config.dim as u64, tokenizer.vocab_size() as u64],

@@ -1,0 +1,126 @@
+//! Writing GGUF files: metadata and tensors into one byte buffer that [`crate::gguf`]
+//! reads back. Used by exporters and by tests that need small, exact model files.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::gguf::{TensorType, DEFAULT_ALIGNMENT, GGUF_MAGIC};
+
+/// An owned metadata value to write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetadataValue {
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    /// An array of i32.
+    I32Array(Vec<i32>),
+    /// An array of f32.
+    F32Array(Vec<f32>),
+    /// An array of strings.
+    StringArray(Vec<String>),
+}
+
+/// Collects metadata and tensors, then serializes them as GGUF version 3.
+#[derive(Clone, Debug, Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, MetadataValue)>,
+    tensors: Vec<(String, Vec<u64>, TensorType, Vec<u8>)>,
+}
+
+impl GgufWriter {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) metadata `key`.
+    pub fn metadata(&mut self, key: &str, value: MetadataValue) -> &mut Self {
+        self.metadata.retain(|(k, _)| k != key);
+        self.metadata.push((key.into(), value));
+        self
+    }
+
+    /// Adds a tensor with ggml dims (innermost first) and its raw little-endian bytes.
+    pub fn tensor(&mut self, name: &str, dims: &[u64], ty: TensorType, data: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.into(), dims.to_vec(), ty, data));
+        self
+    }
+
+    /// The serialized file (alignment 32).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let align = DEFAULT_ALIGNMENT as usize;
+        let mut out = Vec::new();
+        out.extend_from_slice(&GGUF_MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_string(&mut out, key);
+            put_value(&mut out, value);
+        }
+        let mut offset = 0usize;
+        for (name, dims, ty, data) in &self.tensors {
+            put_string(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&tensor_type_id(*ty).to_le_bytes());
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            offset += data.len().div_ceil(align) * align;
+        }
+        out.resize(out.len().div_ceil(align) * align, 0);
+        for (_, _, _, data) in &self.tensors {
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(align) * align, 0);
+        }
+        out
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, value: &MetadataValue) {
+    let (type_id, body): (u32, Vec<u8>) = match value {
+        MetadataValue::U32(v) => (4, v.to_le_bytes().to_vec()),
+        MetadataValue::I32(v) => (5, v.to_le_bytes().to_vec()),
+        MetadataValue::F32(v) => (6, v.to_le_bytes().to_vec()),
+        MetadataValue::Bool(v) => (7, alloc::vec![*v as u8]),
+        MetadataValue::U64(v) => (10, v.to_le_bytes().to_vec()),
+        MetadataValue::String(s) => {
+            let mut b = Vec::new();
+            put_string(&mut b, s);
+            (8, b)
+        }
+        MetadataValue::I32Array(items) => (9, array(5, items.len(), items.iter().flat_map(|v| v.to_le_bytes()))),
+        MetadataValue::F32Array(items) => (9, array(6, items.len(), items.iter().flat_map(|v| v.to_le_bytes()))),
+        MetadataValue::StringArray(items) => {
+            let mut b = Vec::new();
+            for s in items {
+                put_string(&mut b, s);
+            }
+            (9, array(8, items.len(), b))
+        }
+    };
+    out.extend_from_slice(&type_id.to_le_bytes());
+    out.extend_from_slice(&body);
+}
+
+fn array(elem_type: u32, len: usize, body: impl IntoIterator<Item = u8>) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&elem_type.to_le_bytes());
+    b.extend_from_slice(&(len as u64).to_le_bytes());
+    b.extend(body);
+    b
+}
+
+/// ggml's id for `ty`.
+pub fn tensor_type_id(ty: TensorType) -> u32 {
+    (0..64).find(|&id| TensorType::from_id(id) == Some(ty)).unwrap_or(0)
+}
