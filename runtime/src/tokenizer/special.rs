@@ -1,0 +1,137 @@
+//! Finding special tokens in input text before pre-tokenization, as llama.cpp's
+//! `tokenizer_st_partition`.
+//!
+//! The special tokens — types unknown, control and user-defined — are tried one after
+//! another, longest text first. Each one splits every still-unmatched text fragment at
+//! all its (non-overlapping, leftmost-first) occurrences. Control and unknown tokens take
+//! part only when special tokens are parsed; user-defined tokens always do (llama.cpp
+//! follows Hugging Face `tokenizers` there).
+
+use super::vocab::{TokenType, Vocab};
+use alloc::vec::Vec;
+use core::ops::Range;
+
+/// A piece of the input: text still to be tokenized, or a special token already found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// A byte range of the input text.
+    Text(Range<usize>),
+    /// A special token's id.
+    Token(u32),
+}
+
+/// The vocabulary's special tokens, in the order they are matched.
+#[derive(Clone, Debug, Default)]
+pub struct SpecialTokens {
+    /// `(id, matched even when special tokens are not parsed)`, longest text first.
+    tokens: Vec<(u32, bool)>,
+}
+
+impl SpecialTokens {
+    /// Collects the special tokens of `vocab`. Tokens with empty text are left out: they
+    /// would match everywhere.
+    pub fn new(vocab: &Vocab) -> Self {
+        let mut tokens: Vec<(u32, bool)> = (0..vocab.len())
+            .filter_map(|id| {
+                let ty = vocab.token_type(id)?;
+                let text = vocab.text(id)?;
+                (ty.is_special() && !text.is_empty()).then_some((id, ty == TokenType::UserDefined))
+            })
+            .collect();
+        tokens.sort_by_key(|&(id, _)| core::cmp::Reverse(vocab.text(id).map_or(0, str::len)));
+        SpecialTokens { tokens }
+    }
+
+    /// Number of special tokens.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Splits `text` into `fragments` (cleared first). `scratch` is a reusable buffer.
+    pub fn partition(
+        &self,
+        vocab: &Vocab,
+        text: &str,
+        parse_special: bool,
+        fragments: &mut Vec<Fragment>,
+        scratch: &mut Vec<Fragment>,
+    ) {
+        fragments.clear();
+        if text.is_empty() {
+            return;
+        }
+        fragments.push(Fragment::Text(0..text.len()));
+        for &(id, always) in &self.tokens {
+            if !(parse_special || always) {
+                continue;
+            }
+            let Some(special) = vocab.text(id) else { continue };
+            if !text.contains(special) {
+                continue;
+            }
+            scratch.clear();
+            for fragment in fragments.drain(..) {
+                let Fragment::Text(range) = fragment else {
+                    scratch.push(fragment);
+                    continue;
+                };
+                let mut start = range.start;
+                while let Some(found) = text[start..range.end].find(special) {
+                    let at = start + found;
+                    if at > start {
+                        scratch.push(Fragment::Text(start..at));
+                    }
+                    scratch.push(Fragment::Token(id));
+                    start = at + special.len();
+                }
+                if start < range.end {
+                    scratch.push(Fragment::Text(start..range.end));
+                }
+            }
+            core::mem::swap(fragments, scratch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> Vocab {
+        let texts = ["<|im_start|>", "<|im_end|>", "<|im", "a", "<tool>", ""];
+        let types = [
+            TokenType::Control,
+            TokenType::Control,
+            TokenType::Control,
+            TokenType::Normal,
+            TokenType::UserDefined,
+            TokenType::Control,
+        ];
+        Vocab::new(texts.iter().copied(), Some(&types), texts.len()).unwrap()
+    }
+
+    fn run(text: &str, parse_special: bool) -> Vec<Fragment> {
+        let v = setup();
+        let s = SpecialTokens::new(&v);
+        let (mut f, mut scratch) = (Vec::new(), Vec::new());
+        s.partition(&v, text, parse_special, &mut f, &mut scratch);
+        f
+    }
+
+    #[test]
+    fn longest_first() {
+        use Fragment::*;
+        let text = "<|im_start|>user\nhi<|im_end|><|im<|im_start|>";
+        assert_eq!(run(text, true), [Token(0), Text(12..19), Token(1), Token(2), Token(0)]);
+        assert_eq!(run("", true), []);
+        assert_eq!(run("plain", true), [Text(0..5)]);
+    }
+
+    #[test]
+    fn control_tokens_need_parse_special_but_user_defined_do_not() {
+        use Fragment::*;
+        let text = "<|im_end|> <tool>";
+        assert_eq!(run(text, false), [Text(0..11), Token(4)]);
+        assert_eq!(run(text, true), [Token(1), Text(10..11), Token(4)]);
+    }
+}
