@@ -105,6 +105,26 @@ fn golden_strings_match_llama_cpp() {
     });
 }
 
+/// tokens.json is encoded with special tokens parsed; these were taken from llama-cpp-python
+/// with `tokenize(text.encode(), add_bos=False, special=False)`.
+#[test]
+fn unparsed_special_tokens_match_llama_cpp() {
+    let cases: [(&str, &[u32]); 3] = [
+        (
+            "<|im_start|>user\nHi<|im_end|>",
+            &[44, 108, 306, 79, 3738, 108, 46, 4093, 198, 26843, 44, 108, 306, 79, 486, 108, 46],
+        ),
+        ("a <|endoftext|>b", &[81, 2067, 108, 486, 1714, 2692, 108, 46, 82]),
+        (" \u{3000}\u{3000}x  \n\n 7", &[216, 12109, 218, 12109, 218, 104, 256, 8866, 39]),
+    ];
+    with_tokenizer(|t| {
+        for (text, ids) in cases {
+            assert_eq!(t.encode(text, false), ids, "{text:?}");
+            assert_eq!(t.decode(ids), text);
+        }
+    });
+}
+
 #[test]
 fn long_text_round_trips() {
     with_tokenizer(|t| {

@@ -3,10 +3,10 @@
 //! [`Tokenizer::from_gguf`] reads a `tokenizer.ggml.model = "gpt2"` vocabulary (tokens,
 //! token types, merges, special ids, pre-tokenizer name, chat template). Encoding runs,
 //! in order:
-//! 1. special tokens found literally in the text ([`special`]), when asked for;
+//! 1. special tokens found literally in the text (module `special`), when asked for;
 //! 2. the pre-tokenizer, which splits the remaining text into words ([`PreTokenizer`]);
-//! 3. byte-pair merging within each word, lowest merge rank first ([`bpe`]), over the
-//!    GPT-2 byte-to-character mapping ([`byte_level`]).
+//! 3. byte-pair merging within each word, lowest merge rank first (module `bpe`), over the
+//!    GPT-2 byte-to-character mapping (module `byte_level`).
 //!
 //! No prefix space is ever added (GPT-2 BPE in llama.cpp ignores
 //! `tokenizer.ggml.add_space_prefix`), and [`Tokenizer::encode`] never adds BOS: callers
