@@ -163,7 +163,7 @@ fn best_of(repetitions: usize, mut run: impl FnMut() -> Result<f64>) -> Result<f
 /// Read bandwidth in GB/s: the best of several passes summing a 512 MiB buffer, split
 /// over `threads` threads.
 fn read_bandwidth(threads: usize) -> f64 {
-    let words = 64 << 20; // 64 Mi u64 = 512 MiB
+    let words: usize = 64 << 20; // 64 Mi u64 = 512 MiB
     let data: Vec<u64> = (0..words as u64).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
     let mut best = 0f64;
