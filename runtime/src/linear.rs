@@ -141,9 +141,16 @@ impl Linear<'_> {
         let row = self.row(r);
         match self.storage {
             WeightStorage::Quantized(format) => {
-                let dot = kernels.for_format(format);
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = dot(row, x.q8_row(t));
+                let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
+                let mut groups = out.chunks_exact_mut(4);
+                for (g, o) in groups.by_ref().enumerate() {
+                    let t = g * 4;
+                    let xs = [x.q8_row(t), x.q8_row(t + 1), x.q8_row(t + 2), x.q8_row(t + 3)];
+                    o.copy_from_slice(&dot4(row, &xs));
+                }
+                let first = out.len() / 4 * 4;
+                for (i, o) in groups.into_remainder().iter_mut().enumerate() {
+                    *o = dot(row, x.q8_row(first + i));
                 }
             }
             WeightStorage::F32 | WeightStorage::F16 => {

@@ -26,6 +26,10 @@ use crate::blocks::WeightFormat;
 /// A dot product of one weight row (raw block bytes) with one activation row.
 pub type DotFn = fn(row: &[u8], x: Q8Row<'_>) -> f32;
 
+/// Dot products of one weight row with four activation rows (bit-identical to four
+/// [`DotFn`] calls; the weight blocks are unpacked once).
+pub type Dot4Fn = fn(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4];
+
 /// Instruction sets Petrel has kernels for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -61,12 +65,23 @@ pub struct Kernels {
     q4_0: DotFn,
     q4_1: DotFn,
     q8_0: DotFn,
+    q4_0_x4: Dot4Fn,
+    q4_1_x4: Dot4Fn,
+    q8_0_x4: Dot4Fn,
 }
 
 impl Kernels {
     /// The portable scalar reference.
     pub const fn scalar() -> Self {
-        Kernels { isa: Isa::Scalar, q4_0: scalar::dot_q4_0, q4_1: scalar::dot_q4_1, q8_0: scalar::dot_q8_0 }
+        Kernels {
+            isa: Isa::Scalar,
+            q4_0: scalar::dot_q4_0,
+            q4_1: scalar::dot_q4_1,
+            q8_0: scalar::dot_q8_0,
+            q4_0_x4: |row, xs| scalar::dot4(WeightFormat::Q4_0, row, xs),
+            q4_1_x4: |row, xs| scalar::dot4(WeightFormat::Q4_1, row, xs),
+            q8_0_x4: |row, xs| scalar::dot4(WeightFormat::Q8_0, row, xs),
+        }
     }
 
     /// The kernels for `isa`, or `None` if this CPU (or this build) cannot run them.
@@ -79,6 +94,9 @@ impl Kernels {
                 q4_0: x86::dot_q4_0_avx2,
                 q4_1: x86::dot_q4_1_avx2,
                 q8_0: x86::dot_q8_0_avx2,
+                q4_0_x4: x86::dot4_q4_0_avx2,
+                q4_1_x4: x86::dot4_q4_1_avx2,
+                q8_0_x4: x86::dot4_q8_0_avx2,
             }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni if x86::has_avx512vnni() => Some(Kernels {
@@ -86,6 +104,9 @@ impl Kernels {
                 q4_0: x86::dot_q4_0_vnni,
                 q4_1: x86::dot_q4_1_vnni,
                 q8_0: x86::dot_q8_0_vnni,
+                q4_0_x4: x86::dot4_q4_0_vnni,
+                q4_1_x4: x86::dot4_q4_1_vnni,
+                q8_0_x4: x86::dot4_q8_0_vnni,
             }),
             _ => None,
         }
@@ -111,6 +132,16 @@ impl Kernels {
             WeightFormat::Q4_0 => self.q4_0,
             WeightFormat::Q4_1 => self.q4_1,
             WeightFormat::Q8_0 => self.q8_0,
+        }
+    }
+
+    /// The four-row kernel for weights in `format`.
+    #[inline]
+    pub fn for_format_x4(&self, format: WeightFormat) -> Dot4Fn {
+        match format {
+            WeightFormat::Q4_0 => self.q4_0_x4,
+            WeightFormat::Q4_1 => self.q4_1_x4,
+            WeightFormat::Q8_0 => self.q8_0_x4,
         }
     }
 

@@ -15,12 +15,30 @@ pub(crate) fn nibble_dot(qs: &[u8], x: &[i8]) -> i32 {
     sum
 }
 
+/// Q4_0 block contribution from the exact nibble dot product `isum` (step 2).
+#[inline(always)]
+pub(crate) fn q4_0_contribution(d_w: f32, d_x: f32, isum: i32, sum_x: i32) -> f32 {
+    (d_w * d_x) * (isum - 8 * sum_x) as f32
+}
+
+/// Q4_1 block contribution from the exact nibble dot product `isum` (step 2).
+#[inline(always)]
+pub(crate) fn q4_1_contribution(d_w: f32, m_w: f32, d_x: f32, isum: i32, sum_x: i32) -> f32 {
+    (d_w * d_x) * isum as f32 + (m_w * d_x) * sum_x as f32
+}
+
+/// Q8_0 block contribution from the exact signed dot product `isum` (step 2).
+#[inline(always)]
+pub(crate) fn q8_0_contribution(d_w: f32, d_x: f32, isum: i32) -> f32 {
+    (d_w * d_x) * isum as f32
+}
+
 /// Block `b`'s contribution for Q4_0 weights.
 #[inline(always)]
 pub(crate) fn q4_0_block(row: &[u8], x: &Q8Row<'_>, b: usize) -> f32 {
     let block = &row[b * 18..b * 18 + 18];
-    let isum = nibble_dot(&block[2..18], &x.qs[b * BLOCK_LEN..]) - 8 * x.sums[b];
-    (read_f16(block, 0) * x.scales[b]) * isum as f32
+    let isum = nibble_dot(&block[2..18], &x.qs[b * BLOCK_LEN..]);
+    q4_0_contribution(read_f16(block, 0), x.scales[b], isum, x.sums[b])
 }
 
 /// Block `b`'s contribution for Q4_1 weights.
@@ -28,8 +46,7 @@ pub(crate) fn q4_0_block(row: &[u8], x: &Q8Row<'_>, b: usize) -> f32 {
 pub(crate) fn q4_1_block(row: &[u8], x: &Q8Row<'_>, b: usize) -> f32 {
     let block = &row[b * 20..b * 20 + 20];
     let isum = nibble_dot(&block[4..20], &x.qs[b * BLOCK_LEN..]);
-    let (d, m) = (read_f16(block, 0), read_f16(block, 2));
-    (d * x.scales[b]) * isum as f32 + (m * x.scales[b]) * x.sums[b] as f32
+    q4_1_contribution(read_f16(block, 0), read_f16(block, 2), x.scales[b], isum, x.sums[b])
 }
 
 /// Block `b`'s contribution for Q8_0 weights.
@@ -38,7 +55,7 @@ pub(crate) fn q8_0_block(row: &[u8], x: &Q8Row<'_>, b: usize) -> f32 {
     let block = &row[b * 34..b * 34 + 34];
     let xs = &x.qs[b * BLOCK_LEN..(b + 1) * BLOCK_LEN];
     let isum: i32 = block[2..34].iter().zip(xs).map(|(&w, &v)| (w as i8) as i32 * v as i32).sum();
-    (read_f16(block, 0) * x.scales[b]) * isum as f32
+    q8_0_contribution(read_f16(block, 0), x.scales[b], isum)
 }
 
 fn accumulate(blocks: usize, contribution: impl Fn(usize) -> f32) -> f32 {
@@ -47,6 +64,16 @@ fn accumulate(blocks: usize, contribution: impl Fn(usize) -> f32) -> f32 {
         lanes[b % 4] += contribution(b);
     }
     combine_lanes(lanes)
+}
+
+/// Reference for one row against four activation rows: four single dot products.
+pub fn dot4(format: WeightFormat, row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+    let dot = match format {
+        WeightFormat::Q4_0 => dot_q4_0,
+        WeightFormat::Q4_1 => dot_q4_1,
+        WeightFormat::Q8_0 => dot_q8_0,
+    };
+    core::array::from_fn(|j| dot(row, xs[j]))
 }
 
 /// Reference Q4_0 × Q8 dot product.

@@ -30,10 +30,22 @@ fn check_all_isas(format: WeightFormat, row: &[u8], x: &[f32]) {
     quantize_row_q8(x, Q8RowMut { qs: &mut qs, scales: &mut scales, sums: &mut sums });
     let xr = Q8Row { qs: &qs, scales: &scales, sums: &sums };
     let reference = Kernels::scalar().dot(format, row, xr);
+    // Four rows: the same row twice and two shifted copies, against single dot products.
+    // (The kernels' contract: `sums` are the block sums of `qs`.)
+    let shifted: std::vec::Vec<i8> = qs.iter().map(|&q| q.saturating_add(3).clamp(-127, 127)).collect();
+    let shifted_sums: std::vec::Vec<i32> =
+        shifted.chunks_exact(BLOCK_LEN).map(|b| b.iter().map(|&q| q as i32).sum()).collect();
+    let other = Q8Row { qs: &shifted, scales: &scales, sums: &shifted_sums };
+    let reference4 = [reference, Kernels::scalar().dot(format, row, other), reference, reference];
+    let xs = [xr, other, xr, xr];
     for isa in Isa::ALL {
         if let Some(kernels) = Kernels::for_isa(isa) {
             let got = kernels.dot(format, row, xr);
             assert_eq!(got.to_bits(), reference.to_bits(), "{format:?} {isa:?}: {got} vs {reference}");
+            let got4 = kernels.for_format_x4(format)(row, &xs);
+            for j in 0..4 {
+                assert_eq!(got4[j].to_bits(), reference4[j].to_bits(), "{format:?} {isa:?} x4 row {j}");
+            }
         }
     }
 }

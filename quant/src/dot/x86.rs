@@ -7,7 +7,7 @@ use core::arch::x86_64::*;
 
 use super::{check_lengths, combine_lanes, scalar};
 use crate::activation::Q8Row;
-use crate::blocks::{WeightFormat, BLOCK_LEN};
+use crate::blocks::{read_f16, WeightFormat, BLOCK_LEN};
 
 /// True if the AVX2 kernels can run here (AVX2, FMA and F16C).
 pub(super) fn has_avx2() -> bool {
@@ -68,13 +68,44 @@ unsafe fn load_f16x4(ptr: *const u8, stride: usize) -> __m128 {
     _mm_cvtph_ps(_mm_setr_epi16(read(0), read(1), read(2), read(3), 0, 0, 0, 0))
 }
 
-/// Generates the Q4_0 / Q4_1 / Q8_0 kernels for one way of multiplying unsigned bytes by
-/// signed bytes into eight i32 lanes (`$u8i8`), and one way of multiplying signed weights
-/// (`$s8s8`, returning the exact sum minus a correction applied through `$s8_fix`).
+/// Exact `Σ` of the eight i32 lanes of `v`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum8(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Exact nibble dot product of one block (16 packed bytes at `qs`, 32 activations at `x`),
+/// for the blocks after the last group of four.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tail_nibble_dot(qs: *const u8, x: *const i8) -> i32 {
+    // SAFETY: the caller guarantees 16 bytes at `qs` and 32 at `x`.
+    let (n, v) = unsafe { (unpack_nibbles(qs), _mm256_loadu_si256(x as *const __m256i)) };
+    hsum8(avx2::u8xi8(n, v))
+}
+
+/// Exact signed dot product of one Q8_0 block (32 bytes at `w`, 32 at `x`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn tail_signed_dot(w: *const u8, x: *const i8) -> i32 {
+    // SAFETY: the caller guarantees 32 bytes at `w` and at `x`.
+    let (w, v) = unsafe { (_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(x as *const __m256i)) };
+    hsum8(avx2::i8xi8(w, v))
+}
+
+/// Generates, for one way of multiplying unsigned by signed bytes into eight i32 lanes
+/// (`$u8i8`) and one for signed by signed (`$i8i8`, whose result `$fix` corrects with the
+/// activation sums), the Q4_0 / Q4_1 / Q8_0 kernels for one activation row and for four.
+/// The four-row kernels unpack each weight block once and reuse it for every row.
 macro_rules! kernels {
     (
         features = $features:literal,
         $q4_0:ident, $q4_1:ident, $q8_0:ident,
+        $q4_0_x4:ident, $q4_1_x4:ident, $q8_0_x4:ident,
         u8xi8 = $u8i8:expr,
         i8xi8 = $i8i8:expr,
         i8xi8_sum_correction = $fix:expr $(,)?
@@ -84,96 +115,136 @@ macro_rules! kernels {
             let blocks = check_lengths(WeightFormat::Q4_0, row, &x);
             // SAFETY: `check_lengths` proved the slice sizes the kernel reads, and these
             // kernels are only reachable through `Kernels::for_isa`, which checked the CPU.
-            unsafe { q4_kernel::<false>(row, x, blocks) }
+            unsafe { q4_kernel::<false, 1>(row, &[x], blocks)[0] }
         }
 
         /// Q4_1 × Q8 (see the parent module for the arithmetic).
         pub(crate) fn $q4_1(row: &[u8], x: Q8Row<'_>) -> f32 {
             let blocks = check_lengths(WeightFormat::Q4_1, row, &x);
             // SAFETY: as for Q4_0.
-            unsafe { q4_kernel::<true>(row, x, blocks) }
+            unsafe { q4_kernel::<true, 1>(row, &[x], blocks)[0] }
         }
 
         /// Q8_0 × Q8 (see the parent module for the arithmetic).
         pub(crate) fn $q8_0(row: &[u8], x: Q8Row<'_>) -> f32 {
             let blocks = check_lengths(WeightFormat::Q8_0, row, &x);
             // SAFETY: as for Q4_0.
-            unsafe { q8_kernel(row, x, blocks) }
+            unsafe { q8_kernel::<1>(row, &[x], blocks)[0] }
         }
 
+        /// Q4_0 × four Q8 rows.
+        pub(crate) fn $q4_0_x4(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check_lengths(WeightFormat::Q4_0, row, &xs[0]);
+            xs.iter().for_each(|x| assert_eq!(check_lengths(WeightFormat::Q4_0, row, x), blocks));
+            // SAFETY: as for Q4_0, for every row.
+            unsafe { q4_kernel::<false, 4>(row, xs, blocks) }
+        }
+
+        /// Q4_1 × four Q8 rows.
+        pub(crate) fn $q4_1_x4(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check_lengths(WeightFormat::Q4_1, row, &xs[0]);
+            xs.iter().for_each(|x| assert_eq!(check_lengths(WeightFormat::Q4_1, row, x), blocks));
+            // SAFETY: as for Q4_0, for every row.
+            unsafe { q4_kernel::<true, 4>(row, xs, blocks) }
+        }
+
+        /// Q8_0 × four Q8 rows.
+        pub(crate) fn $q8_0_x4(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check_lengths(WeightFormat::Q8_0, row, &xs[0]);
+            xs.iter().for_each(|x| assert_eq!(check_lengths(WeightFormat::Q8_0, row, x), blocks));
+            // SAFETY: as for Q4_0, for every row.
+            unsafe { q8_kernel::<4>(row, xs, blocks) }
+        }
+
+        /// Safety: `row` holds `blocks` blocks and every `xs[j]` has `blocks` blocks.
         #[target_feature(enable = $features)]
-        unsafe fn q4_kernel<const WITH_MIN: bool>(row: &[u8], x: Q8Row<'_>, blocks: usize) -> f32 {
+        unsafe fn q4_kernel<const WITH_MIN: bool, const N: usize>(
+            row: &[u8],
+            xs: &[Q8Row<'_>; N],
+            blocks: usize,
+        ) -> [f32; N] {
             let (block_bytes, qs_at) = if WITH_MIN { (20, 4) } else { (18, 2) };
             let w = row.as_ptr();
-            let xq = x.qs.as_ptr();
-            let mut acc = _mm_setzero_ps();
+            let mut acc = [_mm_setzero_ps(); N];
             let mut b = 0;
             while b + 4 <= blocks {
-                let p = |k: usize| {
-                    // SAFETY: block b + k < blocks: its 16 nibble bytes and 32 activation
-                    // bytes are inside `row` and `x.qs` (checked by the caller).
-                    unsafe {
-                        let n = unpack_nibbles(w.add((b + k) * block_bytes + qs_at));
-                        let v = _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i);
-                        $u8i8(n, v)
-                    }
-                };
-                let isum = reduce4(p(0), p(1), p(2), p(3));
-                // SAFETY: blocks b..b+4 exist in `row` and in `x.scales` / `x.sums`.
-                let (dw, dx, sx) = unsafe {
-                    (
-                        load_f16x4(w.add(b * block_bytes), block_bytes),
-                        _mm_loadu_ps(x.scales.as_ptr().add(b)),
-                        _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i),
-                    )
-                };
-                let dd = _mm_mul_ps(dw, dx);
-                let contribution = if WITH_MIN {
-                    // SAFETY: as above; the minimum sits 2 bytes into each block.
-                    let mw = unsafe { load_f16x4(w.add(b * block_bytes + 2), block_bytes) };
-                    let scaled = _mm_mul_ps(dd, _mm_cvtepi32_ps(isum));
-                    _mm_add_ps(scaled, _mm_mul_ps(_mm_mul_ps(mw, dx), _mm_cvtepi32_ps(sx)))
-                } else {
-                    let centred = _mm_sub_epi32(isum, _mm_slli_epi32(sx, 3));
-                    _mm_mul_ps(dd, _mm_cvtepi32_ps(centred))
-                };
-                acc = _mm_add_ps(acc, contribution);
+                // SAFETY (all loads below): blocks b..b+4 lie inside `row`, and inside every
+                // activation row's `qs` (32 bytes each), `scales` and `sums` (checked).
+                let n: [__m256i; 4] =
+                    core::array::from_fn(|k| unsafe { unpack_nibbles(w.add((b + k) * block_bytes + qs_at)) });
+                let dw = unsafe { load_f16x4(w.add(b * block_bytes), block_bytes) };
+                let mw = if WITH_MIN { unsafe { load_f16x4(w.add(b * block_bytes + 2), block_bytes) } } else { dw };
+                for j in 0..N {
+                    let x = &xs[j];
+                    let xq = x.qs.as_ptr();
+                    let p = |k: usize| unsafe {
+                        $u8i8(n[k], _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i))
+                    };
+                    let isum = reduce4(p(0), p(1), p(2), p(3));
+                    let dx = unsafe { _mm_loadu_ps(x.scales.as_ptr().add(b)) };
+                    let sx = unsafe { _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i) };
+                    let dd = _mm_mul_ps(dw, dx);
+                    let contribution = if WITH_MIN {
+                        let scaled = _mm_mul_ps(dd, _mm_cvtepi32_ps(isum));
+                        _mm_add_ps(scaled, _mm_mul_ps(_mm_mul_ps(mw, dx), _mm_cvtepi32_ps(sx)))
+                    } else {
+                        let centred = _mm_sub_epi32(isum, _mm_slli_epi32(sx, 3));
+                        _mm_mul_ps(dd, _mm_cvtepi32_ps(centred))
+                    };
+                    acc[j] = _mm_add_ps(acc[j], contribution);
+                }
                 b += 4;
             }
-            finish(acc, blocks, b, |b| {
-                if WITH_MIN { scalar::q4_1_block(row, &x, b) } else { scalar::q4_0_block(row, &x, b) }
+            core::array::from_fn(|j| {
+                let x = &xs[j];
+                finish(acc[j], blocks, b, |b| {
+                    let block = &row[b * block_bytes..(b + 1) * block_bytes];
+                    // SAFETY: block `b` and its activations are inside the checked slices.
+                    let isum = unsafe { tail_nibble_dot(block.as_ptr().add(qs_at), x.qs.as_ptr().add(b * BLOCK_LEN)) };
+                    let (d_w, d_x, sum_x) = (read_f16(block, 0), x.scales[b], x.sums[b]);
+                    if WITH_MIN {
+                        scalar::q4_1_contribution(d_w, read_f16(block, 2), d_x, isum, sum_x)
+                    } else {
+                        scalar::q4_0_contribution(d_w, d_x, isum, sum_x)
+                    }
+                })
             })
         }
 
+        /// Safety: `row` holds `blocks` blocks and every `xs[j]` has `blocks` blocks.
         #[target_feature(enable = $features)]
-        unsafe fn q8_kernel(row: &[u8], x: Q8Row<'_>, blocks: usize) -> f32 {
+        unsafe fn q8_kernel<const N: usize>(row: &[u8], xs: &[Q8Row<'_>; N], blocks: usize) -> [f32; N] {
             let w = row.as_ptr();
-            let xq = x.qs.as_ptr();
-            let mut acc = _mm_setzero_ps();
+            let mut acc = [_mm_setzero_ps(); N];
             let mut b = 0;
             while b + 4 <= blocks {
-                let p = |k: usize| {
-                    // SAFETY: block b + k < blocks: its 32 weight bytes (after the 2-byte
-                    // scale) and 32 activation bytes are inside the checked slices.
-                    unsafe {
-                        let wq = _mm256_loadu_si256(w.add((b + k) * 34 + 2) as *const __m256i);
-                        let v = _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i);
-                        $i8i8(wq, v)
-                    }
-                };
-                // SAFETY: blocks b..b+4 exist in `row` and in `x.scales` / `x.sums`.
-                let (dw, dx, sx) = unsafe {
-                    (
-                        load_f16x4(w.add(b * 34), 34),
-                        _mm_loadu_ps(x.scales.as_ptr().add(b)),
-                        _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i),
-                    )
-                };
-                let isum = $fix(reduce4(p(0), p(1), p(2), p(3)), sx);
-                acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(isum)));
+                // SAFETY (all loads below): as in `q4_kernel`; a Q8_0 block is a 2-byte
+                // scale followed by 32 weight bytes.
+                let wq: [__m256i; 4] =
+                    core::array::from_fn(|k| unsafe { _mm256_loadu_si256(w.add((b + k) * 34 + 2) as *const __m256i) });
+                let dw = unsafe { load_f16x4(w.add(b * 34), 34) };
+                for j in 0..N {
+                    let x = &xs[j];
+                    let xq = x.qs.as_ptr();
+                    let p = |k: usize| unsafe {
+                        $i8i8(wq[k], _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i))
+                    };
+                    let dx = unsafe { _mm_loadu_ps(x.scales.as_ptr().add(b)) };
+                    let sx = unsafe { _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i) };
+                    let isum = $fix(reduce4(p(0), p(1), p(2), p(3)), sx);
+                    acc[j] = _mm_add_ps(acc[j], _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(isum)));
+                }
                 b += 4;
             }
-            finish(acc, blocks, b, |b| scalar::q8_0_block(row, &x, b))
+            core::array::from_fn(|j| {
+                let x = &xs[j];
+                finish(acc[j], blocks, b, |b| {
+                    let block = &row[b * 34..(b + 1) * 34];
+                    // SAFETY: block `b` and its activations are inside the checked slices.
+                    let isum = unsafe { tail_signed_dot(block.as_ptr().add(2), x.qs.as_ptr().add(b * BLOCK_LEN)) };
+                    scalar::q8_0_contribution(read_f16(block, 0), x.scales[b], isum)
+                })
+            })
         }
     };
 }
@@ -197,7 +268,7 @@ mod avx2 {
     /// Unsigned × signed bytes → eight i32 lanes (no saturation: |n| ≤ 15).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn u8xi8(n: __m256i, v: __m256i) -> __m256i {
+    pub(super) fn u8xi8(n: __m256i, v: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(n, v), _mm256_set1_epi16(1))
     }
 
@@ -205,13 +276,14 @@ mod avx2 {
     /// pairwise 16-bit sums below 2^15.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn i8xi8(w: __m256i, v: __m256i) -> __m256i {
+    pub(super) fn i8xi8(w: __m256i, v: __m256i) -> __m256i {
         u8xi8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w))
     }
 
     kernels!(
         features = "avx2,fma,f16c",
         dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2,
+        dot4_q4_0_avx2, dot4_q4_1_avx2, dot4_q8_0_avx2,
         u8xi8 = u8xi8,
         i8xi8 = i8xi8,
         i8xi8_sum_correction = |isum: __m128i, _sums: __m128i| isum,
@@ -239,11 +311,12 @@ mod vnni {
     kernels!(
         features = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni,
+        dot4_q4_0_vnni, dot4_q4_1_vnni, dot4_q8_0_vnni,
         u8xi8 = u8xi8,
         i8xi8 = i8xi8,
         i8xi8_sum_correction = |isum: __m128i, sums: __m128i| _mm_sub_epi32(isum, _mm_slli_epi32(sums, 7)),
     );
 }
 
-pub(super) use avx2::{dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2};
-pub(super) use vnni::{dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni};
+pub(super) use avx2::{dot4_q4_0_avx2, dot4_q4_1_avx2, dot4_q8_0_avx2, dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2};
+pub(super) use vnni::{dot4_q4_0_vnni, dot4_q4_1_vnni, dot4_q8_0_vnni, dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni};
