@@ -50,7 +50,9 @@ pub fn quantize_row_q8(x: &[f32], out: Q8RowMut<'_>) {
     assert!(out.qs.len() == x.len() && out.scales.len() == blocks && out.sums.len() == blocks);
     for (b, values) in x.chunks_exact(BLOCK_LEN).enumerate() {
         let amax = values.iter().fold(0.0f32, |m, &v| m.max(abs(v)));
-        let d = amax / 127.0;
+        // The scale is rounded to f16 as llama.cpp's Q8_0/Q8_1 blocks store it, so that
+        // both engines quantize activations identically (see the module docs).
+        let d = half::f16::from_f32(amax / 127.0).to_f32();
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in out.qs[b * BLOCK_LEN..(b + 1) * BLOCK_LEN].iter_mut().zip(values) {
