@@ -5,7 +5,9 @@
 //! as three parallel arrays (structure of arrays, friendlier to SIMD than llama.cpp's
 //! interleaved Q8_0/Q8_1 blocks):
 //! - `qs: [i8; n]` — the quantized values;
-//! - `scales: [f32; n / 32]` — `d` per block, kept in f32 (llama.cpp rounds it to f16);
+//! - `scales: [f32; n / 32]` — `d` per block, rounded to an f16 value (as llama.cpp's and
+//!   candle's Q8 blocks store it, so that the engines quantize activations identically) and
+//!   kept as f32 so kernels need no conversion;
 //! - `sums: [i32; n / 32]` — `Σ q` per block, exact, which lets the kernels treat 4-bit
 //!   weights as unsigned nibbles and fold offsets (Q4_0's 8, Q4_1's minimum) in afterwards.
 
