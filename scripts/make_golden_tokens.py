@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Write testdata/llama_cpp/tokens.json: llama.cpp's token ids for tricky strings.
+
+Usage (with the venv that bench/llama/setup.sh creates):
+
+    $PETREL_HOME/llama-venv/bin/python scripts/make_golden_tokens.py [--model GGUF] [--out FILE]
+
+Defaults: model $PETREL_HOME/SmolLM2-135M-Instruct.Q4_1.gguf (PETREL_HOME defaults to
+~/.cache/petrel), out testdata/llama_cpp/tokens.json.
+
+The model's tokenizer is GPT-2 byte-level BPE with the `smollm` pre-tokenizer (digits split
+one by one, no added prefix space). Only the vocabulary is loaded (vocab_only=True).
+
+Each case is {"text", "ids", "detok", "roundtrip"}:
+  ids        tokenize(text.encode(), add_bos=False, special=True): special tokens such as
+             <|im_start|> inside the text become their single ids
+  detok      llama_detokenize(ids, remove_special=False, unparse_special=True): llama.cpp's
+             own inverse, special tokens rendered as text
+  roundtrip  detok == text
+"""
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import sys
+
+import llama_cpp
+from llama_cpp import Llama
+
+CASES = [
+    # empty, spaces, whitespace runs
+    "",
+    " ",
+    "  ",
+    "hello",
+    " hello",
+    "  hello",
+    "Hello world",
+    "hello   world",
+    "trailing space ",
+    "trailing spaces   ",
+    "    four leading spaces",
+    "\t",
+    "tab\tseparated\tvalues\t",
+    "\n",
+    "\n\n\n",
+    "line1\nline2\n\nline4",
+    "windows\r\nline\r\n",
+    "   \n   \n\t \n",
+    "\u00a0nbsp\u2003emspace\u200bzwsp",
+    # contractions
+    "It's",
+    "they're we've I'm you'll he'd isn't",
+    "IT'S THEY'RE WE'VE I'M YOU'LL HE'D ISN'T",
+    "It'S mixed 'Re 'vE 'Ll 'D",
+    "'s 't 're 've 'm 'll 'd",
+    " 's",
+    "don\u2019t won\u2019t",
+    "Mr. Smith's 2nd-place finish (3rd overall)",
+    # digits and numbers
+    "0",
+    "1234567890",
+    "3.14159",
+    "1,000,000",
+    "10 000 and 1 234.5",
+    "-42 +7 1e-9 0x1F",
+    "2024-03-15T12:34:56Z",
+    "Version 1.2.3-beta",
+    "Order 66 shipped 1234567 units",
+    # punctuation runs
+    "!!!???...",
+    "Hello!!! What?! ...wait...",
+    "(){}[]<>;:,.",
+    "a--b---c___d",
+    "$$$ %%% ^^^ &&& *** ###",
+    "\x07bell \x1b[0m escape",
+    # URLs, paths, markup, code
+    "https://example.com/path?query=1&x=y#frag",
+    "user@example.com",
+    "C:\\Users\\name\\file.txt",
+    "<html><body class=\"x\">Hi</body></html>",
+    "{\"key\": [1, 2, 3], \"nested\": {\"a\": null}}",
+    "def f(x):\n    if x:\n        return x * 2\n    return None\n",
+    "fn main() {\n\tprintln!(\"hi\");\n}",
+    "#!/bin/bash\nset -euo pipefail\necho \"$HOME\"\n",
+    "x = y+z*2; // comment",
+    "mixedCASE camelCase snake_case SCREAMING_CASE",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    # accents and scripts
+    "Caf\u00e9",
+    "na\u00efve fa\u00e7ade d\u00e9j\u00e0 vu",
+    "e\u0301 (e + combining acute)",
+    "Zoe\u0308 n\u0303o",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3002",
+    "\u4e2d\u6587\uff0c\u6807\u70b9\u7b26\u53f7\uff01",
+    "\ud55c\uad6d\uc5b4 \ud14d\uc2a4\ud2b8",
+    "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u03ba\u03b1\u03b9 \u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u044f\u0437\u044b\u043a",
+    "\u0645\u0631\u062d\u0628\u0627 \u0628\u0627\u0644\u0639\u0627\u0644\u0645",
+    "\u05e9\u05dc\u05d5\u05dd",
+    "\u0939\u093f\u0928\u094d\u0926\u0940",
+    "\u0e44\u0e17\u0e22",
+    "Latin, \u4e2d\u6587, and \u0440\u0443\u0441\u0441\u043a\u0438\u0439 in one line",
+    # emoji
+    "\U0001f680\U0001f525",
+    "\U0001f44d\U0001f3fd",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466",
+    "\U0001f3f3\ufe0f\u200d\U0001f308",
+    "\U0001f1eb\U0001f1f7\U0001f1ef\U0001f1f5",
+    "Emoji: \U0001f680\U0001f525\U0001f44d\U0001f3fd and text",
+    # special tokens
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "before<|im_start|>after",
+    "text <|im_end|> more <|endoftext|> end",
+    "<|im_start|",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def detok(llm: Llama, ids: list) -> str:
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+    size = 64 + 64 * len(ids)
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, size, False, True)
+    assert n >= 0, n
+    return buf.raw[:n].decode("utf-8", errors="replace")
+
+
+def main() -> int:
+    home = os.environ.get("PETREL_HOME", os.path.expanduser("~/.cache/petrel"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=os.path.join(home, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--out", default=os.path.join(repo, "testdata", "llama_cpp", "tokens.json"))
+    args = ap.parse_args()
+
+    with open(args.model, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    llm = Llama(model_path=args.model, vocab_only=True, verbose=False)
+    cases, bad = [], 0
+    for text in CASES:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True) if text else []
+        back = detok(llm, ids)
+        cases.append({"text": text, "ids": ids, "detok": back, "roundtrip": back == text})
+        if back != text:
+            bad += 1
+            print(f"no round trip: {text!r} -> {ids} -> {back!r}", file=sys.stderr)
+
+    c = lambda v: json.dumps(v, ensure_ascii=False)
+    meta = {
+        "llama_cpp_python_version": llama_cpp.__version__,
+        "model_file": os.path.basename(args.model),
+        "model_sha256": digest,
+        "tokenize": "tokenize(text.encode(), add_bos=False, special=True)",
+        "detokenize": "llama_detokenize(ids, remove_special=False, unparse_special=True)",
+        "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), repo)] + sys.argv[1:]),
+    }
+    body = '{\n"metadata": ' + c(meta) + ',\n"cases": [\n' + ",\n".join("  " + c(x) for x in cases) + "\n]\n}\n"
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(body)
+    print(f"wrote {args.out}: {len(cases)} cases, {bad} without round trip", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
