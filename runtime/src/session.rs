@@ -165,7 +165,8 @@ impl<'m, 'a> Session<'m, 'a> {
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
         let compute = Compute { kernels: self.kernels, pool: &self.pool };
-        forward(self.model, &mut self.state, &mut self.cache, &compute, tokens, self.position, Logits::Last);
+        let (model, state, cache, position) = (self.model, &mut self.state, &mut self.cache, self.position);
+        self.pool.run(|| forward(model, state, cache, &compute, tokens, position, Logits::Last));
         self.position += tokens.len();
         Ok(self.state.logits_mut())
     }
@@ -184,7 +185,8 @@ impl<'m, 'a> Session<'m, 'a> {
         let mut scratch = vec![0.0; vocab * self.state.max_batch()];
         let compute = Compute { kernels: self.kernels, pool: &self.pool };
         let logits = Logits::All { out, scratch: &mut scratch };
-        forward(self.model, &mut self.state, &mut self.cache, &compute, tokens, self.position, logits);
+        let (model, state, cache, position) = (self.model, &mut self.state, &mut self.cache, self.position);
+        self.pool.run(|| forward(model, state, cache, &compute, tokens, position, logits));
         self.position += tokens.len();
         Ok(())
     }
