@@ -58,7 +58,6 @@ mkdir -p "$PETREL_HOME"
 need_apt=()
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 { command -v c++ >/dev/null 2>&1 && command -v cc >/dev/null 2>&1; } || need_apt+=(build-essential)
-"$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         say "installing with apt-get: ${need_apt[*]}"
@@ -79,7 +78,21 @@ have_version() {
 if [[ -x $VENV/bin/python ]] && have_version && [[ $(cat "$VENV/petrel-llama-flags" 2>/dev/null) == "$STAMP" ]]; then
     say "venv $VENV already has llama-cpp-python $LLAMA_CPP_PYTHON_VERSION ($STAMP) and numpy: skip"
 else
-    [[ -x $VENV/bin/python ]] || { say "creating venv $VENV"; "$PYTHON" -m venv "$VENV"; }
+    if [[ ! -x $VENV/bin/pip ]]; then
+        say "creating venv $VENV"
+        if ! "$PYTHON" -m venv --clear "$VENV"; then
+            # Debian's system python needs python3-venv for ensurepip.
+            if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+                say "venv failed; installing python3-venv with apt-get and retrying"
+                apt-get update
+                DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv
+                "$PYTHON" -m venv --clear "$VENV"
+            else
+                say "cannot create a venv with $PYTHON (on Debian: apt-get install python3-venv)" >&2
+                exit 1
+            fi
+        fi
+    fi
     say "pip install llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION numpy into $VENV ($STAMP; builds llama.cpp, ~8 min)"
     CMAKE_ARGS="-DGGML_NATIVE=ON" CFLAGS="$EXTRA_FLAGS" CXXFLAGS="$EXTRA_FLAGS" \
         "$VENV/bin/pip" install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"

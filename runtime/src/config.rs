@@ -60,10 +60,10 @@ impl LlamaConfig {
             let k = key(name);
             match file.get(&k) {
                 None => Ok(default),
-                Some(v) => v.as_f32().filter(|x| x.is_finite() && *x > 0.0).ok_or(ModelError::BadMetadata {
-                    key: k,
-                    reason: "expected a positive number",
-                }),
+                Some(v) => v
+                    .as_f32()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or(ModelError::BadMetadata { key: k, reason: "expected a positive number" }),
             }
         };
         let layers = usize_of("block_count")?;
@@ -82,11 +82,8 @@ impl LlamaConfig {
             });
         }
         let head_dim = dim / heads;
-        let rope_dim = if file.get(&key("rope.dimension_count")).is_some() {
-            usize_of("rope.dimension_count")?
-        } else {
-            head_dim
-        };
+        let rope_dim =
+            if file.get(&key("rope.dimension_count")).is_some() { usize_of("rope.dimension_count")? } else { head_dim };
         if rope_dim > head_dim || rope_dim % 2 != 0 {
             return Err(ModelError::BadMetadata {
                 key: key("rope.dimension_count"),

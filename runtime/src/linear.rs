@@ -105,7 +105,14 @@ impl<'a> Linear<'a> {
 
     /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
     /// by token (`out` is `x.tokens() × rows`). `scratch` holds `rows × tokens` floats.
-    pub fn matmul(&self, kernels: &Kernels, x: &ActivationBatch, out: &mut [f32], scratch: &mut [f32], pool: &ThreadPool) {
+    pub fn matmul(
+        &self,
+        kernels: &Kernels,
+        x: &ActivationBatch,
+        out: &mut [f32],
+        scratch: &mut [f32],
+        pool: &ThreadPool,
+    ) {
         let tokens = x.tokens;
         debug_assert_eq!(x.cols, self.cols);
         let rows_per_task = rows_per_task(self.rows, pool.threads());
@@ -142,13 +149,13 @@ impl Linear<'_> {
         match self.storage {
             WeightStorage::Quantized(format) => {
                 let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
+                let first = out.len() / 4 * 4;
                 let mut groups = out.chunks_exact_mut(4);
                 for (g, o) in groups.by_ref().enumerate() {
                     let t = g * 4;
                     let xs = [x.q8_row(t), x.q8_row(t + 1), x.q8_row(t + 2), x.q8_row(t + 3)];
                     o.copy_from_slice(&dot4(row, &xs));
                 }
-                let first = out.len() / 4 * 4;
                 for (i, o) in groups.into_remainder().iter_mut().enumerate() {
                     *o = dot(row, x.q8_row(first + i));
                 }

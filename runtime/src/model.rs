@@ -165,9 +165,11 @@ fn vector(t: &TensorInfo<'_>, len: usize) -> Result<Vec<f32>, ModelError> {
     }
     match t.ty {
         TensorType::F32 => Ok(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
-        TensorType::F16 => {
-            Ok(t.data.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect())
-        }
+        TensorType::F16 => Ok(t
+            .data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect()),
         other => Err(ModelError::UnsupportedTensorType { tensor: t.name.to_string(), ty: other.name() }),
     }
 }

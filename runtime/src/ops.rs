@@ -98,9 +98,8 @@ mod tests {
         let values: [f32; 40] = core::array::from_fn(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2);
         let mut out = [0f32; 4];
         attend(&mut out, &q, &keys, &values, kv_dim, offset, positions - 1);
-        let scores: [f32; 5] = core::array::from_fn(|p| {
-            (0..head_dim).map(|i| q[i] * keys[p * kv_dim + offset + i]).sum::<f32>() / 2.0
-        });
+        let scores: [f32; 5] =
+            core::array::from_fn(|p| (0..head_dim).map(|i| q[i] * keys[p * kv_dim + offset + i]).sum::<f32>() / 2.0);
         let max = scores.iter().copied().fold(f32::MIN, f32::max);
         let w: [f32; 5] = core::array::from_fn(|p| libm::expf(scores[p] - max));
         let total: f32 = w.iter().sum();

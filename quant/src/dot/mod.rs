@@ -115,9 +115,7 @@ impl Kernels {
     /// The fastest kernels this CPU runs (detected at run time with `std`, otherwise
     /// from the compile-time target features).
     pub fn detect() -> Self {
-        Self::for_isa(Isa::Avx512Vnni)
-            .or_else(|| Self::for_isa(Isa::Avx2))
-            .unwrap_or_else(Self::scalar)
+        Self::for_isa(Isa::Avx512Vnni).or_else(|| Self::for_isa(Isa::Avx2)).unwrap_or_else(Self::scalar)
     }
 
     /// The instruction set of these kernels.
@@ -161,9 +159,7 @@ impl Kernels {
 fn check_lengths(format: WeightFormat, row: &[u8], x: &Q8Row<'_>) -> usize {
     let blocks = x.scales.len();
     assert!(
-        row.len() == blocks * format.block_bytes()
-            && x.qs.len() == blocks * crate::BLOCK_LEN
-            && x.sums.len() == blocks,
+        row.len() == blocks * format.block_bytes() && x.qs.len() == blocks * crate::BLOCK_LEN && x.sums.len() == blocks,
         "dot product operands disagree in length"
     );
     blocks

@@ -282,8 +282,12 @@ mod avx2 {
 
     kernels!(
         features = "avx2,fma,f16c",
-        dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2,
-        dot4_q4_0_avx2, dot4_q4_1_avx2, dot4_q8_0_avx2,
+        dot_q4_0_avx2,
+        dot_q4_1_avx2,
+        dot_q8_0_avx2,
+        dot4_q4_0_avx2,
+        dot4_q4_1_avx2,
+        dot4_q8_0_avx2,
         u8xi8 = u8xi8,
         i8xi8 = i8xi8,
         i8xi8_sum_correction = |isum: __m128i, _sums: __m128i| isum,
@@ -310,8 +314,12 @@ mod vnni {
 
     kernels!(
         features = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni,
-        dot4_q4_0_vnni, dot4_q4_1_vnni, dot4_q8_0_vnni,
+        dot_q4_0_vnni,
+        dot_q4_1_vnni,
+        dot_q8_0_vnni,
+        dot4_q4_0_vnni,
+        dot4_q4_1_vnni,
+        dot4_q8_0_vnni,
         u8xi8 = u8xi8,
         i8xi8 = i8xi8,
         i8xi8_sum_correction = |isum: __m128i, sums: __m128i| _mm_sub_epi32(isum, _mm_slli_epi32(sums, 7)),
