@@ -41,9 +41,10 @@ struct Args {
     /// Skip llama.cpp (otherwise run through bench/llama/llama_speed.py).
     #[arg(long)]
     no_llama: bool,
-    /// Python interpreter of the llama.cpp venv (see bench/llama/setup.sh).
-    #[arg(long, env = "PETREL_LLAMA_PYTHON")]
-    llama_python: Option<PathBuf>,
+    /// Python interpreter that runs bench/llama/llama_speed.py (standard library only; it
+    /// drives the llama-bench binary that bench/llama/setup.sh builds).
+    #[arg(long, env = "PETREL_LLAMA_PYTHON", default_value = "python3")]
+    llama_python: PathBuf,
     /// Directory for results (`<name>.json`, `<name>.md`).
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -210,10 +211,7 @@ fn read_bandwidth(threads: usize) -> f64 {
 
 /// Runs llama.cpp's `llama-bench` through `bench/llama/llama_speed.py`.
 fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
-    let python = match &args.llama_python {
-        Some(p) => p.clone(),
-        None => registry::cache_dir()?.join("llama-venv/bin/python"),
-    };
+    let python = &args.llama_python;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("llama/llama_speed.py");
     let threads: Vec<String> = args.threads.iter().map(|t| t.to_string()).collect();
     let prompts: Vec<String> = args.prompts.iter().map(|t| t.to_string()).collect();
@@ -221,8 +219,8 @@ fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
     let output = Command::new(&python)
         .arg(&script)
         .arg(path)
-        .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--decode", &args.decode.to_string()])
-        .args(["--repetitions", &args.repetitions.to_string()])
+        .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--gen", &args.decode.to_string()])
+        .args(["--reps", &args.repetitions.to_string()])
         .output()
         .with_context(|| {
             format!("cannot run {} (set up llama.cpp with bench/llama/setup.sh, or pass --no-llama)", python.display())
