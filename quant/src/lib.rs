@@ -16,7 +16,9 @@ extern crate std;
 pub mod activation;
 pub mod blocks;
 pub mod dot;
+pub mod float;
 
 pub use activation::{quantize_row_q8, Q8Row, Q8RowMut};
 pub use blocks::{WeightFormat, BLOCK_LEN};
 pub use dot::Kernels;
+pub use float::FloatKernels;

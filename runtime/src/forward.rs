@@ -8,7 +8,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use petrel_quant::Kernels;
+use petrel_quant::{FloatKernels, Kernels};
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
@@ -98,6 +98,8 @@ pub enum Logits<'o> {
 pub struct Compute<'p> {
     /// Integer dot-product kernels.
     pub kernels: Kernels,
+    /// f32 kernels for attention.
+    pub float: FloatKernels,
     /// Threads for matmuls and attention.
     pub pool: &'p ThreadPool,
 }
@@ -170,7 +172,7 @@ fn forward_batch(
         pool.for_each_chunk(&mut s.att[..n * dim], head_dim, |i, out| {
             let (t, h) = (i / heads, i % heads);
             let query = &q[t * dim + h * head_dim..t * dim + (h + 1) * head_dim];
-            ops::attend(out, query, keys, values, kv_dim, (h / group) * head_dim, position + t);
+            ops::attend(&compute.float, out, query, keys, values, kv_dim, (h / group) * head_dim, position + t);
         });
         s.act.load(&s.att, n, dim);
         layer.wo.matmul(kernels, &s.act, &mut s.xb, &mut s.scratch, pool);

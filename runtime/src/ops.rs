@@ -1,5 +1,7 @@
 //! The element-wise and per-token operations of the forward pass, in f32.
 
+use petrel_quant::FloatKernels;
+
 /// `out = x / rms(x) * gain` with `rms(x) = sqrt(mean(x²) + eps)`, for one token.
 /// The sum of squares is accumulated in f64, as ggml does.
 pub fn rms_norm(out: &mut [f32], x: &[f32], gain: &[f32], eps: f32) {
@@ -49,35 +51,51 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Positions scored at once by [`attend`] (a stack buffer of this many f32).
+const ATTENTION_TILE: usize = 128;
+
 /// Causal attention of one query head over cached positions `0..=last`.
 ///
 /// `q` is the head's query (`head_dim`), `keys`/`values` the layer's cache rows
-/// (`kv_dim` apart, the head's slice starting at `offset`), `out` receives the weighted
-/// sum of values. Uses a single pass with a running maximum (online softmax), so it needs
-/// no scratch memory.
+/// (`kv_dim` apart, the head's slice starting at `offset`), `out` receives the
+/// softmax-weighted sum of values. Positions are scored a tile at a time with a running
+/// maximum (online softmax), so the scratch is one fixed stack tile whatever the context.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], kv_dim: usize, offset: usize, last: usize) {
+pub fn attend(
+    fk: &FloatKernels,
+    out: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    kv_dim: usize,
+    offset: usize,
+    last: usize,
+) {
     let head_dim = q.len();
     let scale = 1.0 / libm::sqrtf(head_dim as f32);
+    let mut scores = [0f32; ATTENTION_TILE];
     let mut max = f32::NEG_INFINITY;
     let mut denom = 0f32;
     out.fill(0.0);
-    for p in 0..=last {
-        let k = &keys[p * kv_dim + offset..p * kv_dim + offset + head_dim];
-        let score = q.iter().zip(k).map(|(&a, &b)| a * b).sum::<f32>() * scale;
-        if score > max {
-            let correction = libm::expf(max - score);
+    let row = |p: usize| p * kv_dim + offset..p * kv_dim + offset + head_dim;
+    for start in (0..=last).step_by(ATTENTION_TILE) {
+        let n = (last + 1 - start).min(ATTENTION_TILE);
+        let tile = &mut scores[..n];
+        for (i, s) in tile.iter_mut().enumerate() {
+            *s = fk.dot(q, &keys[row(start + i)]) * scale;
+        }
+        let tile_max = tile.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if tile_max > max {
+            let correction = libm::expf(max - tile_max);
             denom *= correction;
             for o in out.iter_mut() {
                 *o *= correction;
             }
-            max = score;
+            max = tile_max;
         }
-        let w = libm::expf(score - max);
-        denom += w;
-        let v = &values[p * kv_dim + offset..p * kv_dim + offset + head_dim];
-        for (o, &vv) in out.iter_mut().zip(v) {
-            *o += w * vv;
+        denom += fk.exp_sub(tile, max);
+        for (i, &w) in tile.iter().enumerate() {
+            fk.axpy(out, w, &values[row(start + i)]);
         }
     }
     let inv = 1.0 / denom;
@@ -92,16 +110,35 @@ mod tests {
 
     #[test]
     fn attend_matches_two_pass_softmax() {
-        let (head_dim, kv_dim, offset, positions) = (4, 8, 4, 5);
+        // 300 positions: several tiles, with the maximum moving between them.
+        let (head_dim, kv_dim, offset, positions) = (4, 8, 4, 300);
         let q = [0.3, -1.2, 0.5, 2.0];
-        let keys: [f32; 40] = core::array::from_fn(|i| ((i * 13 % 7) as f32 - 3.0) * 0.4);
-        let values: [f32; 40] = core::array::from_fn(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2);
+        let keys: std::vec::Vec<f32> =
+            (0..kv_dim * positions).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.4 + (i / kv_dim) as f32 * 0.004).collect();
+        let values: std::vec::Vec<f32> = (0..kv_dim * positions).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2).collect();
+        for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+            check_attend(&fk, &q, &keys, &values, kv_dim, offset, positions, head_dim);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_attend(
+        fk: &FloatKernels,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        kv_dim: usize,
+        offset: usize,
+        positions: usize,
+        head_dim: usize,
+    ) {
         let mut out = [0f32; 4];
-        attend(&mut out, &q, &keys, &values, kv_dim, offset, positions - 1);
-        let scores: [f32; 5] =
-            core::array::from_fn(|p| (0..head_dim).map(|i| q[i] * keys[p * kv_dim + offset + i]).sum::<f32>() / 2.0);
+        attend(fk, &mut out, q, keys, values, kv_dim, offset, positions - 1);
+        let scores: std::vec::Vec<f32> = (0..positions)
+            .map(|p| (0..head_dim).map(|i| q[i] * keys[p * kv_dim + offset + i]).sum::<f32>() / 2.0)
+            .collect();
         let max = scores.iter().copied().fold(f32::MIN, f32::max);
-        let w: [f32; 5] = core::array::from_fn(|p| libm::expf(scores[p] - max));
+        let w: std::vec::Vec<f32> = scores.iter().map(|s| libm::expf(s - max)).collect();
         let total: f32 = w.iter().sum();
         for i in 0..head_dim {
             let expected: f32 = (0..positions).map(|p| w[p] / total * values[p * kv_dim + offset + i]).sum();

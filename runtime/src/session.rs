@@ -2,7 +2,7 @@
 
 use alloc::vec;
 use core::fmt;
-use petrel_quant::Kernels;
+use petrel_quant::{FloatKernels, Kernels};
 
 use crate::forward::{forward, Compute, Logits, RunState};
 use crate::kv_cache::KvCache;
@@ -85,6 +85,7 @@ pub struct Session<'m, 'a> {
     state: RunState,
     pool: ThreadPool,
     kernels: Kernels,
+    float: FloatKernels,
     position: usize,
 }
 
@@ -102,6 +103,7 @@ impl<'m, 'a> Session<'m, 'a> {
             state: RunState::new(&model.config, options.max_batch),
             pool: ThreadPool::new(options.threads),
             kernels: options.kernels.unwrap_or_else(Kernels::detect),
+            float: FloatKernels::detect(),
             position: 0,
         })
     }
@@ -164,7 +166,7 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Appends `tokens` to the conversation and returns the logits after the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
-        let compute = Compute { kernels: self.kernels, pool: &self.pool };
+        let compute = Compute { kernels: self.kernels, float: self.float, pool: &self.pool };
         let (model, state, cache, position) = (self.model, &mut self.state, &mut self.cache, self.position);
         self.pool.run(|| forward(model, state, cache, &compute, tokens, position, Logits::Last));
         self.position += tokens.len();
@@ -183,7 +185,7 @@ impl<'m, 'a> Session<'m, 'a> {
         let vocab = self.model.config.vocab_size;
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
         let mut scratch = vec![0.0; vocab * self.state.max_batch()];
-        let compute = Compute { kernels: self.kernels, pool: &self.pool };
+        let compute = Compute { kernels: self.kernels, float: self.float, pool: &self.pool };
         let logits = Logits::All { out, scratch: &mut scratch };
         let (model, state, cache, position) = (self.model, &mut self.state, &mut self.cache, self.position);
         self.pool.run(|| forward(model, state, cache, &compute, tokens, position, logits));
