@@ -123,7 +123,11 @@ impl<'a> Linear<'a> {
             pool.for_each_chunk(target, rows_per_task * tokens, |task, chunk| {
                 let first_row = task * rows_per_task;
                 for (i, row_out) in chunk.chunks_exact_mut(tokens).enumerate() {
-                    self.row_times_batch(kernels, first_row + i, x, row_out);
+                    let r = first_row + i;
+                    if r + PREFETCH_ROWS < self.rows {
+                        petrel_quant::dot::prefetch(self.row(r + PREFETCH_ROWS));
+                    }
+                    self.row_times_batch(kernels, r, x, row_out);
                 }
             })
         };
@@ -168,6 +172,9 @@ impl Linear<'_> {
         }
     }
 }
+
+/// How many rows ahead of the current one the matmul prefetches.
+const PREFETCH_ROWS: usize = 8;
 
 /// Rows per parallel task: several tasks per thread to balance load, at least 8 rows.
 fn rows_per_task(rows: usize, threads: usize) -> usize {
