@@ -5,9 +5,9 @@
 
 use core::arch::x86_64::*;
 
-use super::{check_lengths, combine_lanes, scalar};
+use super::{check_lengths, combine_lanes};
 use crate::activation::Q8Row;
-use crate::blocks::{read_f16, WeightFormat, BLOCK_LEN};
+use crate::blocks::{WeightFormat, BLOCK_LEN};
 
 /// True if the AVX2 kernels can run here (AVX2, FMA and F16C).
 pub(super) fn has_avx2() -> bool {
@@ -59,42 +59,72 @@ fn reduce4(p0: __m256i, p1: __m256i, p2: __m256i, p3: __m256i) -> __m128i {
     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
 }
 
-/// Converts the f16 at byte `at` of four consecutive blocks (`stride` bytes apart) to f32.
+/// Converts the f16 at `ptr + k * stride` for the first `count` (≤ 4) of four blocks to
+/// f32; missing lanes are 0.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn load_f16x4(ptr: *const u8, stride: usize) -> __m128 {
-    // SAFETY: the caller guarantees 2 readable bytes at `ptr + k * stride` for k in 0..4.
-    let read = |k: usize| unsafe { (ptr.add(k * stride) as *const u16).read_unaligned() } as i16;
-    _mm_cvtph_ps(_mm_setr_epi16(read(0), read(1), read(2), read(3), 0, 0, 0, 0))
+unsafe fn load_f16x4(ptr: *const u8, stride: usize, count: usize) -> __m128 {
+    let mut packed = 0u64;
+    for k in 0..count {
+        // SAFETY: the caller guarantees 2 readable bytes at `ptr + k * stride` for k < count.
+        let bits = unsafe { (ptr.add(k * stride) as *const u16).read_unaligned() };
+        packed |= (bits as u64) << (16 * k);
+    }
+    _mm_cvtph_ps(_mm_cvtsi64_si128(packed as i64))
 }
 
-/// Exact `Σ` of the eight i32 lanes of `v`.
+/// Loads `count` (≤ 4) f32 from `ptr` into the low lanes; missing lanes are 0.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum8(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
+unsafe fn load_f32x4(ptr: *const f32, count: usize) -> __m128 {
+    if count == 4 {
+        // SAFETY: the caller guarantees `count` readable values.
+        return unsafe { _mm_loadu_ps(ptr) };
+    }
+    let mut lanes = [0f32; 4];
+    // SAFETY: as above.
+    unsafe { core::ptr::copy_nonoverlapping(ptr, lanes.as_mut_ptr(), count) };
+    // SAFETY: `lanes` holds four values.
+    unsafe { _mm_loadu_ps(lanes.as_ptr()) }
 }
 
-/// Exact nibble dot product of one block (16 packed bytes at `qs`, 32 activations at `x`),
-/// for the blocks after the last group of four.
+/// Loads `count` (≤ 4) i32 from `ptr` into the low lanes; missing lanes are 0.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tail_nibble_dot(qs: *const u8, x: *const i8) -> i32 {
-    // SAFETY: the caller guarantees 16 bytes at `qs` and 32 at `x`.
-    let (n, v) = unsafe { (unpack_nibbles(qs), _mm256_loadu_si256(x as *const __m256i)) };
-    hsum8(avx2::u8xi8(n, v))
+unsafe fn load_i32x4(ptr: *const i32, count: usize) -> __m128i {
+    if count == 4 {
+        // SAFETY: the caller guarantees `count` readable values.
+        return unsafe { _mm_loadu_si128(ptr as *const __m128i) };
+    }
+    let mut lanes = [0i32; 4];
+    // SAFETY: the caller guarantees `count` readable values.
+    unsafe { core::ptr::copy_nonoverlapping(ptr, lanes.as_mut_ptr(), count) };
+    // SAFETY: `lanes` holds four values.
+    unsafe { _mm_loadu_si128(lanes.as_ptr() as *const __m128i) }
 }
 
-/// Exact signed dot product of one Q8_0 block (32 bytes at `w`, 32 at `x`).
+/// Adds `contribution` to `acc` in the first `count` lanes only. The other lanes get
+/// `-0.0`, which leaves every value (signed zeros included) unchanged, exactly as the
+/// reference, which adds nothing to a lane without a block.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn tail_signed_dot(w: *const u8, x: *const i8) -> i32 {
-    // SAFETY: the caller guarantees 32 bytes at `w` and at `x`.
-    let (w, v) = unsafe { (_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(x as *const __m256i)) };
-    hsum8(avx2::i8xi8(w, v))
+fn accumulate(acc: __m128, contribution: __m128, count: usize) -> __m128 {
+    if count == 4 {
+        return _mm_add_ps(acc, contribution);
+    }
+    let lane = _mm_setr_epi32(0, 1, 2, 3);
+    let missing = _mm_castsi128_ps(_mm_cmpgt_epi32(lane, _mm_set1_epi32(count as i32 - 1)));
+    _mm_add_ps(acc, _mm_blendv_ps(contribution, _mm_set1_ps(-0.0), missing))
+}
+
+/// Combines the four lanes as the reference does.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn finish(acc: __m128) -> f32 {
+    let mut lanes = [0f32; 4];
+    // SAFETY: `lanes` is 16 writable bytes; the store is unaligned.
+    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), acc) };
+    combine_lanes(lanes)
 }
 
 /// Generates, for one way of multiplying unsigned by signed bytes into eight i32 lanes
@@ -163,103 +193,125 @@ macro_rules! kernels {
             xs: &[Q8Row<'_>; N],
             blocks: usize,
         ) -> [f32; N] {
-            let (block_bytes, qs_at) = if WITH_MIN { (20, 4) } else { (18, 2) };
-            let w = row.as_ptr();
             let mut acc = [_mm_setzero_ps(); N];
             let mut b = 0;
+            // Full groups with a constant count (fully unrolled), then one padded group.
             while b + 4 <= blocks {
-                // SAFETY (all loads below): blocks b..b+4 lie inside `row`, and inside every
-                // activation row's `qs` (32 bytes each), `scales` and `sums` (checked).
-                let n: [__m256i; 4] =
-                    core::array::from_fn(|k| unsafe { unpack_nibbles(w.add((b + k) * block_bytes + qs_at)) });
-                let dw = unsafe { load_f16x4(w.add(b * block_bytes), block_bytes) };
-                let mw = if WITH_MIN { unsafe { load_f16x4(w.add(b * block_bytes + 2), block_bytes) } } else { dw };
-                for j in 0..N {
-                    let x = &xs[j];
-                    let xq = x.qs.as_ptr();
-                    let p = |k: usize| unsafe {
-                        $u8i8(n[k], _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i))
-                    };
-                    let isum = reduce4(p(0), p(1), p(2), p(3));
-                    let dx = unsafe { _mm_loadu_ps(x.scales.as_ptr().add(b)) };
-                    let sx = unsafe { _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i) };
-                    let dd = _mm_mul_ps(dw, dx);
-                    let contribution = if WITH_MIN {
-                        let scaled = _mm_mul_ps(dd, _mm_cvtepi32_ps(isum));
-                        _mm_add_ps(scaled, _mm_mul_ps(_mm_mul_ps(mw, dx), _mm_cvtepi32_ps(sx)))
-                    } else {
-                        let centred = _mm_sub_epi32(isum, _mm_slli_epi32(sx, 3));
-                        _mm_mul_ps(dd, _mm_cvtepi32_ps(centred))
-                    };
-                    acc[j] = _mm_add_ps(acc[j], contribution);
-                }
+                // SAFETY: blocks b..b+4 exist (see `q4_group`).
+                unsafe { q4_group::<WITH_MIN, N>(row, xs, b, 4, &mut acc) };
                 b += 4;
             }
-            core::array::from_fn(|j| {
+            if b < blocks {
+                // SAFETY: blocks b..blocks exist.
+                unsafe { q4_group::<WITH_MIN, N>(row, xs, b, blocks - b, &mut acc) };
+            }
+            let mut out = [0f32; N];
+            for j in 0..N {
+                out[j] = finish(acc[j]);
+            }
+            out
+        }
+
+        /// Accumulates blocks `b..b + count` (`count` ≤ 4) of `row` against every `xs[j]`
+        /// into `acc[j]`. A short group is padded with zeros and masked out (`accumulate`).
+        /// Safety: those blocks exist in `row` and in every activation row.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q4_group<const WITH_MIN: bool, const N: usize>(
+            row: &[u8],
+            xs: &[Q8Row<'_>; N],
+            b: usize,
+            count: usize,
+            acc: &mut [__m128; N],
+        ) {
+            let (block_bytes, qs_at) = if WITH_MIN { (20, 4) } else { (18, 2) };
+            let w = row.as_ptr();
+            // SAFETY (all loads below): the caller guarantees the blocks; activation rows
+            // hold 32 bytes of `qs` and one scale and sum per block.
+            let mut n = [_mm256_setzero_si256(); 4];
+            for k in 0..count {
+                n[k] = unsafe { unpack_nibbles(w.add((b + k) * block_bytes + qs_at)) };
+            }
+            let dw = unsafe { load_f16x4(w.add(b * block_bytes), block_bytes, count) };
+            let mw = if WITH_MIN { unsafe { load_f16x4(w.add(b * block_bytes + 2), block_bytes, count) } } else { dw };
+            for j in 0..N {
                 let x = &xs[j];
-                finish(acc[j], blocks, b, |b| {
-                    let block = &row[b * block_bytes..(b + 1) * block_bytes];
-                    // SAFETY: block `b` and its activations are inside the checked slices.
-                    let isum = unsafe { tail_nibble_dot(block.as_ptr().add(qs_at), x.qs.as_ptr().add(b * BLOCK_LEN)) };
-                    let (d_w, d_x, sum_x) = (read_f16(block, 0), x.scales[b], x.sums[b]);
-                    if WITH_MIN {
-                        scalar::q4_1_contribution(d_w, read_f16(block, 2), d_x, isum, sum_x)
-                    } else {
-                        scalar::q4_0_contribution(d_w, d_x, isum, sum_x)
-                    }
-                })
-            })
+                let xq = x.qs.as_ptr();
+                let mut p = [_mm256_setzero_si256(); 4];
+                for k in 0..count {
+                    let v = unsafe { _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i) };
+                    p[k] = $u8i8(n[k], v);
+                }
+                let isum = reduce4(p[0], p[1], p[2], p[3]);
+                let dx = unsafe { load_f32x4(x.scales.as_ptr().add(b), count) };
+                let sx = unsafe { load_i32x4(x.sums.as_ptr().add(b), count) };
+                let dd = _mm_mul_ps(dw, dx);
+                let contribution = if WITH_MIN {
+                    let scaled = _mm_mul_ps(dd, _mm_cvtepi32_ps(isum));
+                    _mm_add_ps(scaled, _mm_mul_ps(_mm_mul_ps(mw, dx), _mm_cvtepi32_ps(sx)))
+                } else {
+                    let centred = _mm_sub_epi32(isum, _mm_slli_epi32(sx, 3));
+                    _mm_mul_ps(dd, _mm_cvtepi32_ps(centred))
+                };
+                acc[j] = accumulate(acc[j], contribution, count);
+            }
+        }
+
+        /// As `q4_group`, for Q8_0 weights.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q8_group<const N: usize>(
+            row: &[u8],
+            xs: &[Q8Row<'_>; N],
+            b: usize,
+            count: usize,
+            acc: &mut [__m128; N],
+        ) {
+            let w = row.as_ptr();
+            // SAFETY (all loads below): as in `q4_group`; a Q8_0 block is a 2-byte scale
+            // followed by 32 weight bytes.
+            let mut wq = [_mm256_setzero_si256(); 4];
+            for k in 0..count {
+                wq[k] = unsafe { _mm256_loadu_si256(w.add((b + k) * 34 + 2) as *const __m256i) };
+            }
+            let dw = unsafe { load_f16x4(w.add(b * 34), 34, count) };
+            for j in 0..N {
+                let x = &xs[j];
+                let xq = x.qs.as_ptr();
+                let mut p = [_mm256_setzero_si256(); 4];
+                for k in 0..count {
+                    let v = unsafe { _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i) };
+                    p[k] = $i8i8(wq[k], v);
+                }
+                let dx = unsafe { load_f32x4(x.scales.as_ptr().add(b), count) };
+                let sx = unsafe { load_i32x4(x.sums.as_ptr().add(b), count) };
+                let isum = $fix(reduce4(p[0], p[1], p[2], p[3]), sx);
+                let contribution = _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(isum));
+                acc[j] = accumulate(acc[j], contribution, count);
+            }
         }
 
         /// Safety: `row` holds `blocks` blocks and every `xs[j]` has `blocks` blocks.
         #[target_feature(enable = $features)]
         unsafe fn q8_kernel<const N: usize>(row: &[u8], xs: &[Q8Row<'_>; N], blocks: usize) -> [f32; N] {
-            let w = row.as_ptr();
             let mut acc = [_mm_setzero_ps(); N];
             let mut b = 0;
             while b + 4 <= blocks {
-                // SAFETY (all loads below): as in `q4_kernel`; a Q8_0 block is a 2-byte
-                // scale followed by 32 weight bytes.
-                let wq: [__m256i; 4] =
-                    core::array::from_fn(|k| unsafe { _mm256_loadu_si256(w.add((b + k) * 34 + 2) as *const __m256i) });
-                let dw = unsafe { load_f16x4(w.add(b * 34), 34) };
-                for j in 0..N {
-                    let x = &xs[j];
-                    let xq = x.qs.as_ptr();
-                    let p = |k: usize| unsafe {
-                        $i8i8(wq[k], _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i))
-                    };
-                    let dx = unsafe { _mm_loadu_ps(x.scales.as_ptr().add(b)) };
-                    let sx = unsafe { _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i) };
-                    let isum = $fix(reduce4(p(0), p(1), p(2), p(3)), sx);
-                    acc[j] = _mm_add_ps(acc[j], _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(isum)));
-                }
+                // SAFETY: blocks b..b+4 exist (see `q8_group`).
+                unsafe { q8_group::<N>(row, xs, b, 4, &mut acc) };
                 b += 4;
             }
-            core::array::from_fn(|j| {
-                let x = &xs[j];
-                finish(acc[j], blocks, b, |b| {
-                    let block = &row[b * 34..(b + 1) * 34];
-                    // SAFETY: block `b` and its activations are inside the checked slices.
-                    let isum = unsafe { tail_signed_dot(block.as_ptr().add(2), x.qs.as_ptr().add(b * BLOCK_LEN)) };
-                    scalar::q8_0_contribution(read_f16(block, 0), x.scales[b], isum)
-                })
-            })
+            if b < blocks {
+                // SAFETY: blocks b..blocks exist.
+                unsafe { q8_group::<N>(row, xs, b, blocks - b, &mut acc) };
+            }
+            let mut out = [0f32; N];
+            for j in 0..N {
+                out[j] = finish(acc[j]);
+            }
+            out
         }
     };
-}
-
-/// Adds the blocks after the last full group of four with the scalar contributions, into
-/// the same lanes, then combines the lanes as the reference does.
-#[inline(always)]
-fn finish(acc: __m128, blocks: usize, first: usize, tail: impl Fn(usize) -> f32) -> f32 {
-    let mut lanes = [0f32; 4];
-    // SAFETY: `lanes` is 16 writable bytes; the store is unaligned.
-    unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), acc) };
-    for b in first..blocks {
-        lanes[b % 4] += tail(b);
-    }
-    combine_lanes(lanes)
 }
 
 mod avx2 {
