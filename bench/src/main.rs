@@ -216,7 +216,7 @@ fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
     let threads: Vec<String> = args.threads.iter().map(|t| t.to_string()).collect();
     let prompts: Vec<String> = args.prompts.iter().map(|t| t.to_string()).collect();
     eprintln!("llama.cpp {name}: running llama-bench …");
-    let output = Command::new(&python)
+    let output = Command::new(python)
         .arg(&script)
         .arg(path)
         .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--gen", &args.decode.to_string()])

@@ -40,7 +40,7 @@ impl WeightFormat {
 
     /// Bytes of a row of `len` weights, or `None` if `len` is not a multiple of 32.
     pub const fn row_bytes(self, len: usize) -> Option<usize> {
-        if len % BLOCK_LEN != 0 {
+        if !len.is_multiple_of(BLOCK_LEN) {
             return None;
         }
         Some(len / BLOCK_LEN * self.block_bytes())

@@ -477,17 +477,15 @@ impl<'a> GgufFile<'a> {
         for _ in 0..tensor_count {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor dimension count")? as usize;
-            let mut dims = [1u64; MAX_DIMS];
-            let mut read_dims = Vec::new();
-            for i in 0..n_dims.min(MAX_DIMS + 1) {
-                let d = c.u64("tensor dimension")?;
-                read_dims.push(d);
-                if i < MAX_DIMS {
-                    dims[i] = d;
-                }
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(GgufError::BadShape { tensor: name.to_string(), dims: Vec::new() });
             }
-            let bad_shape = || GgufError::BadShape { tensor: name.to_string(), dims: read_dims.clone() };
-            if n_dims == 0 || n_dims > MAX_DIMS || dims.contains(&0) {
+            let mut dims = [1u64; MAX_DIMS];
+            for d in dims.iter_mut().take(n_dims) {
+                *d = c.u64("tensor dimension")?;
+            }
+            let bad_shape = || GgufError::BadShape { tensor: name.to_string(), dims: dims[..n_dims].to_vec() };
+            if dims.contains(&0) {
                 return Err(bad_shape());
             }
             let type_id = c.u32("tensor type")?;

@@ -60,7 +60,10 @@ pub struct Linear<'a> {
 impl<'a> Linear<'a> {
     /// Wraps `tensor`, checking that it is a `rows × cols` matrix of a supported type.
     pub fn new(tensor: &TensorInfo<'a>, rows: usize, cols: usize) -> Result<Self, ModelError> {
-        if tensor.n_dims > 2 || tensor.dims[0] != cols as u64 || tensor.dims[1] != rows as u64 || cols % BLOCK_LEN != 0
+        if tensor.n_dims > 2
+            || tensor.dims[0] != cols as u64
+            || tensor.dims[1] != rows as u64
+            || !cols.is_multiple_of(BLOCK_LEN)
         {
             return Err(ModelError::BadTensorShape {
                 tensor: tensor.name.into(),
