@@ -14,7 +14,7 @@ use petrel_runtime::{Model, Sampler, SamplerConfig, Session, SessionOptions, Sto
 
 /// Petrel runs decoder-only language models from GGUF files on CPUs, from one no_std core.
 #[derive(Parser, Debug)]
-#[command(name = "petrel", version, about, long_about = None)]
+#[command(name = "petrel", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,6 +114,10 @@ fn main() {
         Command::Inspect { file, full } => inspect(&file, full),
     };
     if let Err(e) = result {
+        // A closed pipe (`petrel inspect … | head`) is a normal way to stop reading.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -203,9 +207,10 @@ fn reply(
 }
 
 fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
-    let (_, file) = open(&args.model)?;
-    let gguf = GgufFile::parse(file.bytes())?;
-    let model = Model::load(&gguf)?;
+    let (path, file) = open(&args.model)?;
+    let model_error = || format!("cannot load the model {}", path.display());
+    let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
+    let model = Model::load(&gguf).with_context(model_error)?;
     let text = if raw {
         prompt.to_string()
     } else {
@@ -228,8 +233,9 @@ fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
 
 fn chat(args: &GenerationArgs) -> Result<()> {
     let (path, file) = open(&args.model)?;
-    let gguf = GgufFile::parse(file.bytes())?;
-    let model = Model::load(&gguf)?;
+    let model_error = || format!("cannot load the model {}", path.display());
+    let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
+    let model = Model::load(&gguf).with_context(model_error)?;
     let mut session = Session::new(&model, args.session_options())?;
     let mut sampler = args.sampler(model.config.vocab_size);
     eprintln!(
@@ -285,27 +291,38 @@ fn chat(args: &GenerationArgs) -> Result<()> {
 fn inspect(path: &Path, full: bool) -> Result<()> {
     let file = MappedFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let gguf = GgufFile::parse(file.bytes()).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
-    println!(
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    writeln!(
+        out,
         "{}: GGUF v{}, {} bytes, alignment {}, data at byte {}",
         path.display(),
         gguf.version,
         file.bytes().len(),
         gguf.alignment,
         gguf.data_offset
-    );
-    println!("\nmetadata ({} keys):", gguf.metadata().len());
+    )?;
+    writeln!(out, "\nmetadata ({} keys):", gguf.metadata().len())?;
     for (key, value) in gguf.metadata() {
-        println!("  {key} = {}", describe(value, full));
+        writeln!(out, "  {key} = {}", describe(value, full))?;
     }
-    println!("\ntensors ({}):", gguf.tensors().len());
-    println!("  {:<32} {:>6} {:>18} {:>12} {:>12}", "name", "type", "shape", "bytes", "offset");
+    writeln!(out, "\ntensors ({}):", gguf.tensors().len())?;
+    writeln!(out, "  {:<32} {:>6} {:>18} {:>12} {:>12}", "name", "type", "shape", "bytes", "offset")?;
     let mut total = 0usize;
     for t in gguf.tensors() {
         let shape: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
-        println!("  {:<32} {:>6} {:>18} {:>12} {:>12}", t.name, t.ty.name(), shape.join("×"), t.data.len(), t.offset);
+        writeln!(
+            out,
+            "  {:<32} {:>6} {:>18} {:>12} {:>12}",
+            t.name,
+            t.ty.name(),
+            shape.join("×"),
+            t.data.len(),
+            t.offset
+        )?;
         total += t.data.len();
     }
-    println!("  total tensor bytes: {total}");
+    writeln!(out, "  total tensor bytes: {total}")?;
+    out.flush()?;
     Ok(())
 }
 
