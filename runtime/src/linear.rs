@@ -271,3 +271,88 @@ impl ActivationBatch {
         &self.f32[t * self.cols..(t + 1) * self.cols]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufFile, TensorType};
+    use crate::gguf_writer::GgufWriter;
+    use petrel_quant::blocks::quantize_row;
+
+    /// Every weight storage the native backend computes with, against a float matmul of
+    /// the dequantized weights with the (quantized, for the integer path) activations.
+    #[test]
+    fn matmul_matches_float_reference_for_every_storage() {
+        let (rows, cols, tokens) = (13, 96, 6);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 97.0).collect();
+        let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 104_729 % 89) as f32 - 44.0) / 31.0).collect();
+        let encode = |ty: TensorType| -> Vec<u8> {
+            match ty {
+                TensorType::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                TensorType::F16 => w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+                _ => {
+                    let format = match ty {
+                        TensorType::Q4_0 => WeightFormat::Q4_0,
+                        TensorType::Q4_1 => WeightFormat::Q4_1,
+                        _ => WeightFormat::Q8_0,
+                    };
+                    let row_bytes = format.row_bytes(cols).unwrap();
+                    let mut out = vec![0u8; rows * row_bytes];
+                    for (r, chunk) in out.chunks_exact_mut(row_bytes).enumerate() {
+                        quantize_row(format, &w[r * cols..(r + 1) * cols], chunk);
+                    }
+                    out
+                }
+            }
+        };
+        let pool = ThreadPool::new(2);
+        for ty in [TensorType::F32, TensorType::F16, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q8_0] {
+            let mut writer = GgufWriter::new();
+            writer.tensor("w", &[cols as u64, rows as u64], ty, encode(ty));
+            let bytes = writer.to_bytes();
+            let file = GgufFile::parse(&bytes).unwrap();
+            let linear = Linear::new(file.tensor("w").unwrap(), rows, cols).unwrap();
+            let mut act = ActivationBatch::new(tokens, cols);
+            act.load(&x, tokens, cols);
+            let (mut out, mut scratch) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+            for kernels in [Kernels::scalar(), Kernels::detect()] {
+                linear.matmul(&kernels, &act, &mut out, &mut scratch, &pool);
+                let mut dequantized = vec![0f32; cols];
+                for r in 0..rows {
+                    linear.dequantize_row(r, &mut dequantized);
+                    for t in 0..tokens {
+                        let xs: Vec<f32> = match linear.storage {
+                            WeightStorage::Quantized(_) => {
+                                let q = act.q8_row(t);
+                                (0..cols).map(|c| q.scales[c / BLOCK_LEN] * q.qs[c] as f32).collect()
+                            }
+                            _ => x[t * cols..(t + 1) * cols].to_vec(),
+                        };
+                        let expected: f32 = dequantized.iter().zip(&xs).map(|(a, b)| a * b).sum();
+                        let got = out[t * rows + r];
+                        assert!(
+                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                            "{ty:?} {r} {t}: {got} vs {expected}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_types_and_wrong_shapes_are_named_at_load() {
+        let mut writer = GgufWriter::new();
+        writer.tensor("k", &[256, 2], TensorType::Q4_K, vec![0; 2 * 144]).tensor(
+            "f",
+            &[32, 2],
+            TensorType::F32,
+            vec![0; 256],
+        );
+        let bytes = writer.to_bytes();
+        let file = GgufFile::parse(&bytes).unwrap();
+        let err = Linear::new(file.tensor("k").unwrap(), 2, 256).unwrap_err();
+        assert_eq!(err, ModelError::UnsupportedTensorType { tensor: "k".into(), ty: "Q4_K" });
+        assert!(matches!(Linear::new(file.tensor("f").unwrap(), 3, 32), Err(ModelError::BadTensorShape { .. })));
+    }
+}
