@@ -5,6 +5,10 @@
 //! `x += Wdown · (silu(Wgate · norm(x)) ⊙ (Wup · norm(x)))`, then the final norm and the
 //! output head. Tokens are processed in batches of up to `max_batch`; every buffer is
 //! allocated once in [`RunState::new`].
+//!
+//! Every member of the thread team runs this code (see [`crate::parallel`]): the cheap
+//! per-token steps (norms, RoPE, SwiGLU on its own rows) on its private [`RunState`], the
+//! matrix products and attention on its share, followed by an exchange of results.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -13,9 +17,10 @@ use petrel_quant::{FloatKernels, Kernels};
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::ActivationBatch;
+use crate::linear::Gather;
 use crate::model::Model;
 use crate::ops;
-use crate::parallel::ThreadPool;
+use crate::parallel::{Member, Team};
 
 /// Scratch buffers for a batch of up to `max_batch` tokens (all row-major by token).
 #[derive(Debug)]
@@ -39,8 +44,6 @@ pub struct RunState {
     rope: Vec<f32>,
     /// Quantized activations for the integer kernels.
     act: ActivationBatch,
-    /// Matmul transposition scratch, `max_batch × max(dim, ffn_dim)`.
-    scratch: Vec<f32>,
     /// Logits of the last token, `vocab_size`.
     logits: Vec<f32>,
 }
@@ -62,7 +65,6 @@ impl RunState {
             up: vec![0.0; b * ffn],
             rope: vec![0.0; b * config.rope_dim],
             act: ActivationBatch::new(b, dim.max(ffn)),
-            scratch: vec![0.0; b * dim.max(ffn)],
             logits: vec![0.0; config.vocab_size],
         }
     }
@@ -86,65 +88,82 @@ impl RunState {
 /// Which logits a forward pass computes.
 #[derive(Debug)]
 pub enum Logits<'o> {
-    /// Only the last token's, into [`RunState::logits`].
+    /// Only the last token's, into the leader's [`RunState::logits`].
     Last,
-    /// Every token's, into the slice (`tokens × vocab_size`); `scratch` holds
-    /// `vocab_size × max_batch` floats.
-    All { out: &'o mut [f32], scratch: &'o mut [f32] },
+    /// Every token's, into the slice (`tokens × vocab_size`, row-major).
+    All(&'o mut [f32]),
 }
 
 /// What the forward pass computes with: kernels and threads.
 #[derive(Debug)]
-pub struct Compute<'p> {
+pub struct Compute<'t> {
     /// Integer dot-product kernels.
     pub kernels: Kernels,
     /// f32 kernels for attention.
     pub float: FloatKernels,
-    /// Threads for matmuls and attention.
-    pub pool: &'p ThreadPool,
+    /// The threads that run the pass.
+    pub team: &'t Team,
 }
 
 /// Runs `tokens` at positions `first_position..`, appending their keys and values to
-/// `cache`. The caller has checked that the positions fit the cache and that every token
+/// `cache`. `states` holds one [`RunState`] per team member (member 0's receives the
+/// logits). The caller has checked that the positions fit the cache and that every token
 /// id is below the vocabulary size.
 pub fn forward(
     model: &Model<'_>,
-    state: &mut RunState,
+    states: &[spin::Mutex<RunState>],
     cache: &mut KvCache,
     compute: &Compute<'_>,
     tokens: &[u32],
     first_position: usize,
-    mut logits: Logits<'_>,
+    logits: Logits<'_>,
 ) {
-    let batch = state.max_batch;
-    for (chunk_index, chunk) in tokens.chunks(batch).enumerate() {
-        let position = first_position + chunk_index * batch;
-        let is_last_chunk = (chunk_index + 1) * batch >= tokens.len();
-        forward_batch(model, state, cache, compute, chunk, position);
-        match &mut logits {
-            Logits::Last if is_last_chunk => output_head(model, state, compute, chunk.len() - 1, 1, None),
-            Logits::Last => {}
-            Logits::All { out, scratch } => {
-                let vocab = model.config.vocab_size;
-                let out = &mut out[chunk_index * batch * vocab..];
-                output_head(model, state, compute, 0, chunk.len(), Some((out, scratch)));
+    let cache = spin::RwLock::new(cache);
+    let all_logits = match logits {
+        Logits::Last => None,
+        Logits::All(out) => Some(spin::Mutex::new(out)),
+    };
+    compute.team.run(|member| {
+        let mut state = states[member.index()].lock();
+        let s = &mut *state;
+        let batch = s.max_batch;
+        let vocab = model.config.vocab_size;
+        for (chunk_index, chunk) in tokens.chunks(batch).enumerate() {
+            let position = first_position + chunk_index * batch;
+            forward_batch(model, s, &cache, compute, member, chunk, position);
+            match &all_logits {
+                None if (chunk_index + 1) * batch >= tokens.len() => {
+                    output_head(model, s, compute, member, chunk.len() - 1);
+                }
+                None => {}
+                Some(out) => {
+                    // One token at a time, so the logits buffer stays `vocab_size` long.
+                    for t in 0..chunk.len() {
+                        output_head(model, s, compute, member, t);
+                        if member.is_leader() {
+                            let row = (chunk_index * batch + t) * vocab;
+                            out.lock()[row..row + vocab].copy_from_slice(&s.logits);
+                        }
+                    }
+                }
             }
         }
-    }
+    });
 }
 
-/// One batch through every block; leaves the residual stream in `state.x`.
+/// One batch through every block; leaves the residual stream in `s.x`.
 fn forward_batch(
     model: &Model<'_>,
     s: &mut RunState,
-    cache: &mut KvCache,
+    cache: &spin::RwLock<&mut KvCache>,
     compute: &Compute<'_>,
+    member: &Member<'_>,
     tokens: &[u32],
     position: usize,
 ) {
     let c = &model.config;
     let (n, dim, kv_dim, ffn) = (tokens.len(), c.dim, c.kv_dim(), c.ffn_dim);
-    let (kernels, pool) = (&compute.kernels, compute.pool);
+    let kernels = &compute.kernels;
 
     for (t, &token) in tokens.iter().enumerate() {
         model.token_embedding.dequantize_row(token as usize, &mut s.x[t * dim..(t + 1) * dim]);
@@ -153,63 +172,58 @@ fn forward_batch(
 
     for (l, layer) in model.layers.iter().enumerate() {
         // Attention.
-        for t in 0..n {
-            let r = t * dim..(t + 1) * dim;
-            ops::rms_norm(&mut s.xb[r.clone()], &s.x[r], &layer.attn_norm, c.norm_eps);
-        }
+        ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
         s.act.load(&s.xb, n, dim);
-        layer.wq.matmul(kernels, &s.act, &mut s.q, &mut s.scratch, pool);
-        layer.wk.matmul(kernels, &s.act, &mut s.k, &mut s.scratch, pool);
-        layer.wv.matmul(kernels, &s.act, &mut s.v, &mut s.scratch, pool);
+        layer.wq.matmul(kernels, &s.act, &mut s.q, member, Gather::All);
+        layer.wk.matmul(kernels, &s.act, &mut s.k, member, Gather::All);
+        layer.wv.matmul(kernels, &s.act, &mut s.v, member, Gather::All);
         for t in 0..n {
             let table = &s.rope[t * c.rope_dim..(t + 1) * c.rope_dim];
             ops::apply_rope(&mut s.q[t * dim..(t + 1) * dim], c.head_dim, table);
             ops::apply_rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], c.head_dim, table);
         }
-        cache.write(l, position, &s.k[..n * kv_dim], &s.v[..n * kv_dim]);
-        let (keys, values) = cache.layer(l);
-        let (q, heads, head_dim, group) = (&s.q, c.heads, c.head_dim, c.heads / c.kv_heads);
-        pool.for_each_chunk(&mut s.att[..n * dim], head_dim, |i, out| {
-            let (t, h) = (i / heads, i % heads);
-            let query = &q[t * dim + h * head_dim..t * dim + (h + 1) * head_dim];
-            ops::attend(&compute.float, out, query, keys, values, kv_dim, (h / group) * head_dim, position + t);
-        });
+        if member.is_leader() {
+            cache.write().write(l, position, &s.k[..n * kv_dim], &s.v[..n * kv_dim]);
+        }
+        member.barrier();
+        {
+            let cache = cache.read();
+            let (keys, values) = cache.layer(l);
+            let (heads, head_dim, group) = (c.heads, c.head_dim, c.heads / c.kv_heads);
+            for i in member.share(n * heads) {
+                let (t, h) = (i / heads, i % heads);
+                let query = &s.q[t * dim + h * head_dim..t * dim + (h + 1) * head_dim];
+                let out = &mut s.att[i * head_dim..(i + 1) * head_dim];
+                ops::attend(&compute.float, out, query, keys, values, kv_dim, (h / group) * head_dim, position + t);
+            }
+        }
+        member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
         s.act.load(&s.att, n, dim);
-        layer.wo.matmul(kernels, &s.act, &mut s.xb, &mut s.scratch, pool);
+        layer.wo.matmul(kernels, &s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
 
-        // SwiGLU MLP.
-        for t in 0..n {
-            let r = t * dim..(t + 1) * dim;
-            ops::rms_norm(&mut s.xb[r.clone()], &s.x[r], &layer.ffn_norm, c.norm_eps);
-        }
+        // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
+        ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
         s.act.load(&s.xb, n, dim);
-        layer.w_gate.matmul(kernels, &s.act, &mut s.gate, &mut s.scratch, pool);
-        layer.w_up.matmul(kernels, &s.act, &mut s.up, &mut s.scratch, pool);
-        ops::swiglu(&mut s.gate[..n * ffn], &s.up[..n * ffn]);
+        layer.w_gate.matmul(kernels, &s.act, &mut s.gate, member, Gather::None);
+        layer.w_up.matmul(kernels, &s.act, &mut s.up, member, Gather::None);
+        let mine = member.share(ffn);
+        for t in 0..n {
+            let rows = t * ffn + mine.start..t * ffn + mine.end;
+            ops::swiglu(&mut s.gate[rows.clone()], &s.up[rows]);
+        }
+        member.all_gather(&mut s.gate[..n * ffn], n, ffn, 1);
         s.act.load(&s.gate, n, ffn);
-        layer.w_down.matmul(kernels, &s.act, &mut s.xb, &mut s.scratch, pool);
+        layer.w_down.matmul(kernels, &s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
     }
 }
 
-/// Final norm and output head for tokens `first..first + count` of the batch in `s.x`.
-fn output_head(
-    model: &Model<'_>,
-    s: &mut RunState,
-    compute: &Compute<'_>,
-    first: usize,
-    count: usize,
-    all: Option<(&mut [f32], &mut [f32])>,
-) {
+/// Final norm and output head for token `t` of the batch in `s.x`, into the leader's
+/// `s.logits`.
+fn output_head(model: &Model<'_>, s: &mut RunState, compute: &Compute<'_>, member: &Member<'_>, t: usize) {
     let dim = model.config.dim;
-    for t in 0..count {
-        let r = (first + t) * dim..(first + t + 1) * dim;
-        ops::rms_norm(&mut s.xb[t * dim..(t + 1) * dim], &s.x[r], &model.output_norm, model.config.norm_eps);
-    }
-    s.act.load(&s.xb, count, dim);
-    match all {
-        None => model.output.matmul(&compute.kernels, &s.act, &mut s.logits, &mut s.scratch, compute.pool),
-        Some((out, scratch)) => model.output.matmul(&compute.kernels, &s.act, out, scratch, compute.pool),
-    }
+    ops::rms_norm(&mut s.xb[..dim], &s.x[t * dim..(t + 1) * dim], &model.output_norm, model.config.norm_eps);
+    s.act.load(&s.xb, 1, dim);
+    model.output.matmul(&compute.kernels, &s.act, &mut s.logits, member, Gather::Leader);
 }

@@ -11,7 +11,7 @@ use petrel_quant::{blocks, quantize_row_q8, Kernels, Q8Row, Q8RowMut, WeightForm
 
 use crate::gguf::{TensorInfo, TensorType};
 use crate::model::ModelError;
-use crate::parallel::ThreadPool;
+use crate::parallel::Member;
 
 /// How a weight matrix's elements are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,83 +107,67 @@ impl<'a> Linear<'a> {
     }
 
     /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
-    /// by token (`out` is `x.tokens() × rows`). `scratch` holds `rows × tokens` floats.
-    pub fn matmul(
-        &self,
-        kernels: &Kernels,
-        x: &ActivationBatch,
-        out: &mut [f32],
-        scratch: &mut [f32],
-        pool: &ThreadPool,
-    ) {
+    /// by token (`out` is `x.tokens() × rows`). Each team member computes its share of the
+    /// rows; `to` says who receives the complete result.
+    pub fn matmul(&self, kernels: &Kernels, x: &ActivationBatch, out: &mut [f32], member: &Member<'_>, to: Gather) {
         let tokens = x.tokens;
         debug_assert_eq!(x.cols, self.cols);
-        let rows_per_task = rows_per_task(self.rows, pool.threads());
-        // Work is split by output rows; each task writes its rows for every token,
-        // row-major by weight row. With several tokens that goes to `scratch` and is then
-        // transposed into `out` (row-major by token); with one token the layouts agree.
-        let fill = |target: &mut [f32]| {
-            pool.for_each_chunk(target, rows_per_task * tokens, |task, chunk| {
-                let first_row = task * rows_per_task;
-                for (i, row_out) in chunk.chunks_exact_mut(tokens).enumerate() {
-                    let r = first_row + i;
-                    if r + PREFETCH_ROWS < self.rows {
-                        petrel_quant::dot::prefetch(self.row(r + PREFETCH_ROWS));
-                    }
-                    self.row_times_batch(kernels, r, x, row_out);
-                }
-            })
-        };
-        if tokens == 1 {
-            fill(&mut out[..self.rows]);
-            return;
+        let out = &mut out[..tokens * self.rows];
+        let mine = member.share(self.rows);
+        for r in mine.clone() {
+            if r + PREFETCH_ROWS < mine.end {
+                petrel_quant::dot::prefetch(self.row(r + PREFETCH_ROWS));
+            }
+            self.row_times_batch(kernels, r, x, out);
         }
-        let by_row = &mut scratch[..tokens * self.rows];
-        fill(by_row);
-        for (r, column) in by_row.chunks_exact(tokens).enumerate() {
-            for (t, &v) in column.iter().enumerate() {
-                out[t * self.rows + r] = v;
+        match to {
+            Gather::All => member.all_gather(out, tokens, self.rows, 1),
+            Gather::Leader => member.gather_to_leader(out, tokens, self.rows, 1),
+            Gather::None => {}
+        }
+    }
+
+    /// `out[t * rows + r] = W[r] · x[t]` for every token of the batch.
+    #[inline]
+    fn row_times_batch(&self, kernels: &Kernels, r: usize, x: &ActivationBatch, out: &mut [f32]) {
+        let (row, rows, tokens) = (self.row(r), self.rows, x.tokens);
+        match self.storage {
+            WeightStorage::Quantized(format) => {
+                let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
+                let mut t = 0;
+                while t + 4 <= tokens {
+                    let xs = [x.q8_row(t), x.q8_row(t + 1), x.q8_row(t + 2), x.q8_row(t + 3)];
+                    for (j, v) in dot4(row, &xs).into_iter().enumerate() {
+                        out[(t + j) * rows + r] = v;
+                    }
+                    t += 4;
+                }
+                for t in t..tokens {
+                    out[t * rows + r] = dot(row, x.q8_row(t));
+                }
+            }
+            WeightStorage::F32 | WeightStorage::F16 => {
+                for t in 0..tokens {
+                    out[t * rows + r] = float_dot(self.storage, row, x.f32_row(t));
+                }
             }
         }
     }
 }
 
-impl Linear<'_> {
-    /// `out[t] = W[r] · x[t]` for every token of the batch.
-    #[inline]
-    fn row_times_batch(&self, kernels: &Kernels, r: usize, x: &ActivationBatch, out: &mut [f32]) {
-        let row = self.row(r);
-        match self.storage {
-            WeightStorage::Quantized(format) => {
-                let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
-                let first = out.len() / 4 * 4;
-                let mut groups = out.chunks_exact_mut(4);
-                for (g, o) in groups.by_ref().enumerate() {
-                    let t = g * 4;
-                    let xs = [x.q8_row(t), x.q8_row(t + 1), x.q8_row(t + 2), x.q8_row(t + 3)];
-                    o.copy_from_slice(&dot4(row, &xs));
-                }
-                for (i, o) in groups.into_remainder().iter_mut().enumerate() {
-                    *o = dot(row, x.q8_row(first + i));
-                }
-            }
-            WeightStorage::F32 | WeightStorage::F16 => {
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = float_dot(self.storage, row, x.f32_row(t));
-                }
-            }
-        }
-    }
+/// Which team members need the complete result of a parallel operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gather {
+    /// Every member (the result feeds the next layer).
+    All,
+    /// Only the leader (the logits).
+    Leader,
+    /// Nobody: each member keeps only its own rows (`member.share(rows)` of every token).
+    None,
 }
 
 /// How many rows ahead of the current one the matmul prefetches.
 const PREFETCH_ROWS: usize = 8;
-
-/// Rows per parallel task: several tasks per thread to balance load, at least 8 rows.
-fn rows_per_task(rows: usize, threads: usize) -> usize {
-    let tasks = threads * 4;
-    rows.div_ceil(tasks).max(8)
-}
 
 fn float_dot(storage: WeightStorage, row: &[u8], x: &[f32]) -> f32 {
     let mut sum = 0f32;
@@ -305,7 +289,7 @@ mod tests {
                 }
             }
         };
-        let pool = ThreadPool::new(2);
+        let team = crate::parallel::Team::new(2);
         for ty in [TensorType::F32, TensorType::F16, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q8_0] {
             let mut writer = GgufWriter::new();
             writer.tensor("w", &[cols as u64, rows as u64], ty, encode(ty));
@@ -314,9 +298,12 @@ mod tests {
             let linear = Linear::new(file.tensor("w").unwrap(), rows, cols).unwrap();
             let mut act = ActivationBatch::new(tokens, cols);
             act.load(&x, tokens, cols);
-            let (mut out, mut scratch) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
             for kernels in [Kernels::scalar(), Kernels::detect()] {
-                linear.matmul(&kernels, &act, &mut out, &mut scratch, &pool);
+                let out = team.run(|member| {
+                    let mut out = vec![0f32; tokens * rows];
+                    linear.matmul(&kernels, &act, &mut out, member, Gather::All);
+                    out
+                });
                 let mut dequantized = vec![0f32; cols];
                 for r in 0..rows {
                     linear.dequantize_row(r, &mut dequantized);

@@ -13,6 +13,14 @@ pub fn rms_norm(out: &mut [f32], x: &[f32], gain: &[f32], eps: f32) {
     }
 }
 
+/// [`rms_norm`] for each row of `x` (rows of `gain.len()` values, row-major).
+pub fn rms_norm_rows(out: &mut [f32], x: &[f32], gain: &[f32], eps: f32) {
+    let dim = gain.len();
+    for (o, row) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        rms_norm(o, row, gain, eps);
+    }
+}
+
 /// Fills `table` (`rope_dim / 2` pairs of `(cos, sin)`) for `position`:
 /// pair `i` rotates by `position · base^(-2i / rope_dim)`.
 pub fn rope_table(table: &mut [f32], position: usize, rope_dim: usize, base: f32) {

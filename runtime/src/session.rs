@@ -1,13 +1,13 @@
 //! A generation session: one model, one KV cache allocated once, and the decode loop.
 
-use alloc::vec;
+use alloc::vec::Vec;
 use core::fmt;
 use petrel_quant::{FloatKernels, Kernels};
 
 use crate::forward::{forward, Compute, Logits, RunState};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
-use crate::parallel::ThreadPool;
+use crate::parallel::Team;
 use crate::sampler::Sampler;
 
 /// How a session is set up.
@@ -82,8 +82,9 @@ pub enum StopReason {
 pub struct Session<'m, 'a> {
     model: &'m Model<'a>,
     cache: KvCache,
-    state: RunState,
-    pool: ThreadPool,
+    /// One scratch state per team member; member 0's holds the logits.
+    states: Vec<spin::Mutex<RunState>>,
+    team: Team,
     kernels: Kernels,
     float: FloatKernels,
     position: usize,
@@ -97,11 +98,14 @@ impl<'m, 'a> Session<'m, 'a> {
         if capacity > context_length {
             return Err(SessionError::CapacityTooLarge { requested: capacity, context_length });
         }
+        let team = Team::new(options.threads);
         Ok(Session {
             model,
             cache: KvCache::new(&model.config, capacity),
-            state: RunState::new(&model.config, options.max_batch),
-            pool: ThreadPool::new(options.threads),
+            states: (0..team.threads())
+                .map(|_| spin::Mutex::new(RunState::new(&model.config, options.max_batch)))
+                .collect(),
+            team,
             kernels: options.kernels.unwrap_or_else(Kernels::detect),
             float: FloatKernels::detect(),
             position: 0,
@@ -135,7 +139,7 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Threads in use.
     pub fn threads(&self) -> usize {
-        self.pool.threads()
+        self.team.threads()
     }
 
     /// Forgets the conversation (the cache is reused, not freed).
@@ -166,11 +170,10 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Appends `tokens` to the conversation and returns the logits after the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
-        let compute = Compute { kernels: self.kernels, float: self.float, pool: &self.pool };
-        let (model, state, cache, position) = (self.model, &mut self.state, &mut self.cache, self.position);
-        self.pool.run(|| forward(model, state, cache, &compute, tokens, position, Logits::Last));
+        let compute = Compute { kernels: self.kernels, float: self.float, team: &self.team };
+        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
         self.position += tokens.len();
-        Ok(self.state.logits_mut())
+        Ok(self.states[0].get_mut().logits_mut())
     }
 
     /// Appends one token and returns the logits after it. Allocates nothing.
@@ -179,16 +182,15 @@ impl<'m, 'a> Session<'m, 'a> {
     }
 
     /// Appends `tokens` and writes the logits after *every* one of them into `out`
-    /// (`tokens.len() × vocab_size`, row-major). For evaluation; allocates scratch.
+    /// (`tokens.len() × vocab_size`, row-major). For evaluation (slower per token than
+    /// [`Session::prefill`]: the output head runs once per token).
     pub fn prefill_all_logits(&mut self, tokens: &[u32], out: &mut [f32]) -> Result<(), SessionError> {
         self.check(tokens)?;
         let vocab = self.model.config.vocab_size;
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
-        let mut scratch = vec![0.0; vocab * self.state.max_batch()];
-        let compute = Compute { kernels: self.kernels, float: self.float, pool: &self.pool };
-        let logits = Logits::All { out, scratch: &mut scratch };
-        let (model, state, cache, position) = (self.model, &mut self.state, &mut self.cache, self.position);
-        self.pool.run(|| forward(model, state, cache, &compute, tokens, position, logits));
+        let compute = Compute { kernels: self.kernels, float: self.float, team: &self.team };
+        let logits = Logits::All(out);
+        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, logits);
         self.position += tokens.len();
         Ok(())
     }
