@@ -125,30 +125,46 @@ pub fn forward(
     };
     compute.team.run(|member| {
         let mut state = states[member.index()].lock();
-        let s = &mut *state;
-        let batch = s.max_batch;
-        let vocab = model.config.vocab_size;
-        for (chunk_index, chunk) in tokens.chunks(batch).enumerate() {
-            let position = first_position + chunk_index * batch;
-            forward_batch(model, s, &cache, compute, member, chunk, position);
-            match &all_logits {
-                None if (chunk_index + 1) * batch >= tokens.len() => {
-                    output_head(model, s, compute, member, chunk.len() - 1);
-                }
-                None => {}
-                Some(out) => {
-                    // One token at a time, so the logits buffer stays `vocab_size` long.
-                    for t in 0..chunk.len() {
-                        output_head(model, s, compute, member, t);
-                        if member.is_leader() {
-                            let row = (chunk_index * batch + t) * vocab;
-                            out.lock()[row..row + vocab].copy_from_slice(&s.logits);
-                        }
+        forward_member(model, &mut state, &cache, compute, member, tokens, first_position, all_logits.as_ref());
+    });
+}
+
+/// One team member's part of [`forward`], for callers that keep a team running across
+/// several passes (see `Session::generate`). With `all_logits` absent, the leader's
+/// `state.logits` receives the last token's logits.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_member(
+    model: &Model<'_>,
+    s: &mut RunState,
+    cache: &spin::RwLock<&mut KvCache>,
+    compute: &Compute<'_>,
+    member: &Member<'_>,
+    tokens: &[u32],
+    first_position: usize,
+    all_logits: Option<&spin::Mutex<&mut [f32]>>,
+) {
+    let batch = s.max_batch;
+    let vocab = model.config.vocab_size;
+    for (chunk_index, chunk) in tokens.chunks(batch).enumerate() {
+        let position = first_position + chunk_index * batch;
+        forward_batch(model, s, cache, compute, member, chunk, position);
+        match all_logits {
+            None if (chunk_index + 1) * batch >= tokens.len() => {
+                output_head(model, s, compute, member, chunk.len() - 1);
+            }
+            None => {}
+            Some(out) => {
+                // One token at a time, so the logits buffer stays `vocab_size` long.
+                for t in 0..chunk.len() {
+                    output_head(model, s, compute, member, t);
+                    if member.is_leader() {
+                        let row = (chunk_index * batch + t) * vocab;
+                        out.lock()[row..row + vocab].copy_from_slice(&s.logits);
                     }
                 }
             }
         }
-    });
+    }
 }
 
 /// One batch through every block; leaves the residual stream in `s.x`.

@@ -58,6 +58,28 @@ impl Team {
         }
         f(&member(0))
     }
+
+    /// Runs `leader` on the calling thread as member 0 and `worker` on every other member,
+    /// all at once, and returns the leader's result. Unlike [`Team::run`], the leader's
+    /// closure needs neither `Send` nor `Sync`, so it can hold callbacks and exclusive
+    /// borrows; the leader tells the workers what to do next through shared state and
+    /// [`Member::barrier`]. This keeps one team for a whole generation, so the decode loop
+    /// starts no threads.
+    pub fn run_led<R>(&self, worker: impl Fn(&Member<'_>) + Sync, leader: impl FnOnce(&Member<'_>) -> R) -> R {
+        let member = |index| Member { index, team: self };
+        #[cfg(feature = "std")]
+        if self.threads > 1 {
+            return std::thread::scope(|scope| {
+                for index in 1..self.threads {
+                    let (worker, member) = (&worker, &member);
+                    scope.spawn(move || worker(&member(index)));
+                }
+                leader(&member(0))
+            });
+        }
+        let _ = worker;
+        leader(&member(0))
+    }
 }
 
 /// One thread's view of its team during [`Team::run`].

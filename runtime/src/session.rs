@@ -4,7 +4,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use petrel_quant::{FloatKernels, Kernels};
 
-use crate::forward::{forward, Compute, Logits, RunState};
+use crate::forward::{forward, forward_member, Compute, Logits, RunState};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::parallel::Team;
@@ -196,8 +196,8 @@ impl<'m, 'a> Session<'m, 'a> {
     }
 
     /// Prefills `prompt`, then samples up to `max_new_tokens`, calling `on_token` with each
-    /// new token as soon as it is chosen (return `false` to stop). The decode loop
-    /// allocates nothing.
+    /// new token as soon as it is chosen (return `false` to stop). One thread team serves
+    /// the whole call, and the decode loop allocates nothing.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -205,27 +205,61 @@ impl<'m, 'a> Session<'m, 'a> {
         max_new_tokens: usize,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<StopReason, SessionError> {
+        self.check(prompt)?;
         for &t in prompt {
             sampler.observe(t);
         }
-        let mut logits = self.prefill(prompt)?;
-        for generated in 0..max_new_tokens {
-            let token = sampler.sample(logits);
-            sampler.observe(token);
-            if self.model.tokenizer.is_end_of_generation(token) {
-                return Ok(StopReason::EndOfGeneration);
-            }
-            if !on_token(token) {
-                return Ok(StopReason::Callback);
-            }
-            if generated + 1 == max_new_tokens {
-                break;
-            }
-            if self.position >= self.cache.capacity() {
-                return Ok(StopReason::ContextFull);
-            }
-            logits = self.step(token)?;
-        }
-        Ok(StopReason::MaxTokens)
+        let (model, states, start, capacity) = (self.model, &self.states, self.position, self.cache.capacity());
+        let compute = Compute { kernels: self.kernels, float: self.float, team: &self.team };
+        let cache = spin::RwLock::new(&mut self.cache);
+        // What the leader asks of the workers after each barrier: `None` ends the call.
+        let next: spin::Mutex<Option<(u32, usize)>> = spin::Mutex::new(None);
+        let (reason, end) = self.team.run_led(
+            |member| {
+                let mut state = states[member.index()].lock();
+                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None);
+                loop {
+                    member.barrier();
+                    let Some((token, position)) = *next.lock() else { return };
+                    forward_member(model, &mut state, &cache, &compute, member, &[token], position, None);
+                }
+            },
+            |member| {
+                let mut state = states[member.index()].lock();
+                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None);
+                let mut position = start + prompt.len();
+                if max_new_tokens == 0 {
+                    member.barrier();
+                    return (StopReason::MaxTokens, position);
+                }
+                let mut generated = 0;
+                let reason = loop {
+                    let token = sampler.sample(state.logits_mut());
+                    sampler.observe(token);
+                    let stop = if model.tokenizer.is_end_of_generation(token) {
+                        Some(StopReason::EndOfGeneration)
+                    } else if !on_token(token) {
+                        Some(StopReason::Callback)
+                    } else if generated + 1 >= max_new_tokens {
+                        Some(StopReason::MaxTokens)
+                    } else if position >= capacity {
+                        Some(StopReason::ContextFull)
+                    } else {
+                        None
+                    };
+                    generated += 1;
+                    *next.lock() = stop.is_none().then_some((token, position));
+                    member.barrier();
+                    if let Some(reason) = stop {
+                        break reason;
+                    }
+                    forward_member(model, &mut state, &cache, &compute, member, &[token], position, None);
+                    position += 1;
+                };
+                (reason, position)
+            },
+        );
+        self.position = end;
+        Ok(reason)
     }
 }
