@@ -67,6 +67,14 @@ impl LlamaConfig {
             }
         };
         let layers = usize_of("block_count")?;
+        // Every block has nine tensors; a larger count cannot be real, and trusting it would
+        // size allocations by a number an untrusted file chose.
+        if layers > file.tensors().len() / 9 {
+            return Err(ModelError::BadMetadata {
+                key: key("block_count"),
+                reason: "more blocks than the file has tensors for",
+            });
+        }
         let dim = usize_of("embedding_length")?;
         let ffn_dim = usize_of("feed_forward_length")?;
         let heads = usize_of("attention.head_count")?;

@@ -1,6 +1,5 @@
 //! The key/value cache: allocated once at a chosen capacity, appended to in place.
 
-use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::config::LlamaConfig;
@@ -18,10 +17,27 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions of `config`'s model.
-    pub fn new(config: &LlamaConfig, capacity: usize) -> Self {
-        let n = config.layers * capacity * config.kv_dim();
-        KvCache { k: vec![0.0; n], v: vec![0.0; n], capacity, kv_dim: config.kv_dim() }
+    /// A cache for `capacity` positions of `config`'s model, or `None` if that many bytes
+    /// cannot be allocated (the size comes from the file and the caller, so it may be
+    /// absurd; this reports it instead of aborting).
+    pub fn new(config: &LlamaConfig, capacity: usize) -> Option<Self> {
+        let n = config.layers.checked_mul(capacity)?.checked_mul(config.kv_dim())?;
+        let zeroed = || {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).ok()?;
+            v.resize(n, 0.0f32);
+            Some(v)
+        };
+        Some(KvCache { k: zeroed()?, v: zeroed()?, capacity, kv_dim: config.kv_dim() })
+    }
+
+    /// Bytes a cache of `capacity` positions of `config`'s model needs (saturating).
+    pub fn bytes_for(config: &LlamaConfig, capacity: usize) -> usize {
+        2usize
+            .saturating_mul(config.layers)
+            .saturating_mul(capacity)
+            .saturating_mul(config.kv_dim())
+            .saturating_mul(core::mem::size_of::<f32>())
     }
 
     /// Positions the cache can hold.

@@ -42,6 +42,8 @@ pub enum SessionError {
     EmptyPrompt,
     /// The requested capacity exceeds the model's trained context length.
     CapacityTooLarge { requested: usize, context_length: usize },
+    /// The KV cache (`bytes`) could not be allocated.
+    OutOfMemory { bytes: usize },
 }
 
 impl fmt::Display for SessionError {
@@ -56,6 +58,9 @@ impl fmt::Display for SessionError {
             SessionError::EmptyPrompt => write!(f, "the prompt is empty"),
             SessionError::CapacityTooLarge { requested, context_length } => {
                 write!(f, "a context of {requested} tokens exceeds the model's {context_length}")
+            }
+            SessionError::OutOfMemory { bytes } => {
+                write!(f, "cannot allocate {bytes} bytes for the KV cache (choose a smaller context)")
             }
         }
     }
@@ -99,9 +104,11 @@ impl<'m, 'a> Session<'m, 'a> {
             return Err(SessionError::CapacityTooLarge { requested: capacity, context_length });
         }
         let team = Team::new(options.threads);
+        let cache = KvCache::new(&model.config, capacity)
+            .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity) })?;
         Ok(Session {
             model,
-            cache: KvCache::new(&model.config, capacity),
+            cache,
             states: (0..team.threads())
                 .map(|_| spin::Mutex::new(RunState::new(&model.config, options.max_batch)))
                 .collect(),

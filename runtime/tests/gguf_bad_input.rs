@@ -216,3 +216,15 @@ proptest! {
         }
     }
 }
+
+/// Inputs the fuzzer found, kept as regressions (see `fuzz/README.md`): loading must fail
+/// with a typed error, not abort on an allocation sized by the file.
+#[test]
+fn fuzzer_findings_load_as_errors() {
+    let huge_block_count = include_bytes!("../../fuzz/regressions/model_load_huge_block_count.gguf");
+    let file = GgufFile::parse(huge_block_count).expect("the header itself is valid");
+    match petrel_runtime::Model::load(&file) {
+        Err(petrel_runtime::ModelError::BadMetadata { key, .. }) => assert_eq!(key, "llama.block_count"),
+        other => panic!("expected a block_count error, got {other:?}"),
+    }
+}
