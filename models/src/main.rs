@@ -63,9 +63,10 @@ struct GenerationArgs {
     /// Most tokens to generate per reply.
     #[arg(long, short = 'n', default_value_t = 256)]
     max_tokens: usize,
-    /// KV-cache capacity in tokens (prompt + reply); 0 = the model's context length.
-    #[arg(long, default_value_t = 2048)]
-    context: usize,
+    /// KV-cache capacity in tokens (prompt + reply) [default: 2048, or the model's context
+    /// length if smaller; 0 = the model's context length].
+    #[arg(long)]
+    context: Option<usize>,
     /// Worker threads (default: all available cores).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -99,9 +100,10 @@ impl GenerationArgs {
         Sampler::new(config, vocab_size)
     }
 
-    fn session_options(&self) -> SessionOptions {
+    fn session_options(&self, model: &Model<'_>) -> SessionOptions {
         let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        SessionOptions { capacity: self.context, threads, ..SessionOptions::default() }
+        let capacity = self.context.unwrap_or_else(|| model.config.context_length.min(2048));
+        SessionOptions { capacity, threads, ..SessionOptions::default() }
     }
 }
 
@@ -222,7 +224,7 @@ fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
         format_chat(&messages, true)
     };
     let tokens = model.tokenizer.encode(&text, !raw);
-    let mut session = Session::new(&model, args.session_options())?;
+    let mut session = Session::new(&model, args.session_options(&model))?;
     if tokens.len() >= session.capacity() {
         bail!("the prompt has {} tokens but the context holds {} (raise --context)", tokens.len(), session.capacity());
     }
@@ -236,7 +238,7 @@ fn chat(args: &GenerationArgs) -> Result<()> {
     let model_error = || format!("cannot load the model {}", path.display());
     let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
     let model = Model::load(&gguf).with_context(model_error)?;
-    let mut session = Session::new(&model, args.session_options())?;
+    let mut session = Session::new(&model, args.session_options(&model))?;
     let mut sampler = args.sampler(model.config.vocab_size);
     eprintln!(
         "petrel chat — {} ({} tokens of context). Type a message; /reset clears the history, /quit or Ctrl-D ends.",
