@@ -21,7 +21,7 @@
 //! over 357 positions: median 0.40, 95th percentile 0.72, maximum 2.02 (an early position
 //! of the non-ASCII prompt). candle-transformers, a third engine we did not write, is as far
 //! from llama.cpp (`models/tests/candle_quantized_llama.rs` prints both: 0.19–0.55 for
-//! candle, 0.26–0.45 for Petrel at the same positions). Where the top-1 tokens differ
+//! candle, 0.15–0.56 for Petrel at the same positions). Where the top-1 tokens differ
 //! (8 of 357 positions), llama.cpp's own margin between the two was at most 0.19 logits. A real bug — a wrong
 //! RoPE pairing, norm, head grouping or block layout — shifts logits by several units and
 //! changes the top-1 token at most positions.
