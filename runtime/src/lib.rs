@@ -2,11 +2,19 @@
 //!
 //! `no_std` + `alloc`; the `std` feature adds threads, memory-mapped files and run-time CPU
 //! detection. Modules, in the order data flows through them:
-//! - [`gguf`]: the zero-copy, validating model-file reader;
+//! - [`gguf`]: the zero-copy, validating model-file reader ([`gguf_writer`] writes files;
+//!   [`mapped`] maps them on `std`);
 //! - [`tokenizer`]: byte-level BPE from the file's vocabulary, and the chat format;
-//! - [`model`]: the Llama-family weights and the forward pass;
+//! - [`config`] and [`model`]: hyper-parameters from the metadata, and the Llama-family
+//!   weights borrowed from the file;
+//! - [`linear`]: matrix products on the stored quantized blocks;
+//! - [`forward`] with [`ops`], [`kv_cache`] and [`parallel`]: the forward pass, its per-token
+//!   operations, the KV cache and the thread team;
 //! - [`sampler`]: greedy, temperature, top-k, top-p and repetition penalty;
 //! - [`session`]: load, prefill, step and stream, over a KV cache allocated once.
+//!
+//! `unsafe` is denied here except in [`mapped`] (the memory map); the SIMD kernels live in
+//! `petrel-quant`.
 #![no_std]
 #![deny(unsafe_code)]
 
