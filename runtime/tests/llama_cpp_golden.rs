@@ -36,12 +36,13 @@ use serde_json::Value;
 
 /// Largest |Δlogit| allowed on llama.cpp's top 64 tokens at any position.
 const LOGIT_TOLERANCE: f32 = 2.5;
-// Diagnostics: `PETREL_GOLDEN_VERBOSE=1` prints every position's difference;
-// `PETREL_GOLDEN_NO_ASSERT=1` prints them without failing (to study a change's effect).
 /// Largest gap, in llama.cpp's own logits, between its top-1 token and ours at a position
 /// where they differ, for the difference to count as a near-tie.
 const NEAR_TIE_MARGIN: f32 = 0.25;
 const GOLDEN: &str = include_str!("../../testdata/llama_cpp/golden.json");
+
+// Diagnostics: `PETREL_GOLDEN_VERBOSE=1` prints every position's difference;
+// `PETREL_GOLDEN_NO_ASSERT=1` prints them without failing (to study a change's effect).
 
 fn model_path() -> PathBuf {
     let home = std::env::var_os("PETREL_HOME")
