@@ -96,7 +96,9 @@ pub struct Session<'m, 'a> {
 }
 
 impl<'m, 'a> Session<'m, 'a> {
-    /// Allocates the cache and scratch buffers; nothing is allocated after this.
+    /// Allocates the cache and scratch buffers. After this, generation allocates nothing
+    /// (with several threads, [`Session::prefill`] and [`Session::step`] start the team's
+    /// threads per call; [`Session::generate`] starts them once per reply).
     pub fn new(model: &'m Model<'a>, options: SessionOptions) -> Result<Self, SessionError> {
         let context_length = model.config.context_length;
         let capacity = if options.capacity == 0 { context_length } else { options.capacity };
@@ -183,7 +185,8 @@ impl<'m, 'a> Session<'m, 'a> {
         Ok(self.states[0].get_mut().logits_mut())
     }
 
-    /// Appends one token and returns the logits after it. Allocates nothing.
+    /// Appends one token and returns the logits after it. Single-threaded sessions allocate
+    /// nothing here; for a decode loop on several threads prefer [`Session::generate`].
     pub fn step(&mut self, token: u32) -> Result<&mut [f32], SessionError> {
         self.prefill(&[token])
     }
@@ -191,6 +194,9 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Appends `tokens` and writes the logits after *every* one of them into `out`
     /// (`tokens.len() × vocab_size`, row-major). For evaluation (slower per token than
     /// [`Session::prefill`]: the output head runs once per token).
+    ///
+    /// # Panics
+    /// If `out` is shorter than `tokens.len() × vocab_size`.
     pub fn prefill_all_logits(&mut self, tokens: &[u32], out: &mut [f32]) -> Result<(), SessionError> {
         self.check(tokens)?;
         let vocab = self.model.config.vocab_size;
