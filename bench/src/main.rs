@@ -272,7 +272,13 @@ fn machine_name() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
+    // The 1-minute load average before the run: above ~0.5 on a 2-core machine something
+    // else is competing and the 2-thread figures (of every engine) are not trustworthy.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    format!("{cpu}, {cores} cores, load average {load} at start")
 }
 
 fn markdown(report: &Report, args: &Args) -> String {
