@@ -44,19 +44,13 @@ impl Team {
 
     /// Runs `f` on every member at once (the caller is member 0, the leader) and returns
     /// the leader's result. Threads are started for the call and joined before it returns.
-    pub fn run<R: Send>(&self, f: impl Fn(&Member<'_>) -> R + Sync) -> R {
-        let member = |index| Member { index, team: self };
-        #[cfg(feature = "std")]
-        if self.threads > 1 {
-            return std::thread::scope(|scope| {
-                for index in 1..self.threads {
-                    let (f, member) = (&f, &member);
-                    scope.spawn(move || f(&member(index)));
-                }
-                f(&member(0))
-            });
-        }
-        f(&member(0))
+    pub fn run<R>(&self, f: impl Fn(&Member<'_>) -> R + Sync) -> R {
+        self.run_led(
+            |member| {
+                f(member);
+            },
+            |member| f(member),
+        )
     }
 
     /// Runs `leader` on the calling thread as member 0 and `worker` on every other member,
