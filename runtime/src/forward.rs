@@ -226,7 +226,7 @@ fn forward_batch(
         let mine = member.share(ffn);
         for t in 0..n {
             let rows = t * ffn + mine.start..t * ffn + mine.end;
-            ops::swiglu(&mut s.gate[rows.clone()], &s.up[rows]);
+            ops::swiglu(&compute.float, &mut s.gate[rows.clone()], &s.up[rows]);
         }
         member.all_gather(&mut s.gate[..n * ffn], n, ffn, 1);
         s.act.load(&s.gate, n, ffn);

@@ -46,10 +46,8 @@ pub fn apply_rope(x: &mut [f32], head_dim: usize, table: &[f32]) {
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]` with `silu(x) = x / (1 + e^-x)`.
-pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + libm::expf(-*g)) * u;
-    }
+pub fn swiglu(fk: &FloatKernels, gate: &mut [f32], up: &[f32]) {
+    fk.silu_mul(gate, up);
 }
 
 /// `x += y`.
