@@ -146,7 +146,6 @@ struct ReplyStats {
     prompt_tokens: usize,
     generated: usize,
     time_to_first_token: Duration,
-    prefill: Duration,
     decode: Duration,
 }
 
@@ -158,7 +157,7 @@ impl ReplyStats {
             "[TTFT {:.1} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s | peak memory {peak}]",
             self.time_to_first_token.as_secs_f64() * 1e3,
             self.prompt_tokens,
-            rate(self.prompt_tokens, self.prefill),
+            rate(self.prompt_tokens, self.time_to_first_token),
             self.generated,
             rate(self.generated.saturating_sub(1), self.decode),
         );
@@ -199,13 +198,7 @@ fn reply(
         eprintln!("(stopped: the context of {} tokens is full)", session.capacity());
     }
     let first = first_token_at.unwrap_or(end);
-    Ok(ReplyStats {
-        prompt_tokens: tokens.len(),
-        generated,
-        time_to_first_token: first - start,
-        prefill: first - start,
-        decode: end - first,
-    })
+    Ok(ReplyStats { prompt_tokens: tokens.len(), generated, time_to_first_token: first - start, decode: end - first })
 }
 
 fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {

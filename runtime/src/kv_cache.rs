@@ -1,5 +1,6 @@
 //! The key/value cache: allocated once at a chosen capacity, appended to in place.
 
+use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::config::LlamaConfig;
@@ -23,10 +24,11 @@ impl KvCache {
     pub fn new(config: &LlamaConfig, capacity: usize) -> Option<Self> {
         let n = config.layers.checked_mul(capacity)?.checked_mul(config.kv_dim())?;
         let zeroed = || {
-            let mut v = Vec::new();
-            v.try_reserve_exact(n).ok()?;
-            v.resize(n, 0.0f32);
-            Some(v)
+            // Probe that the allocation can succeed, then let `vec!` take zeroed memory from
+            // the allocator (calloc: pages stay untouched, so unused context costs no RSS;
+            // filling a reserved Vec would write every page).
+            Vec::<f32>::new().try_reserve_exact(n).ok()?;
+            Some(vec![0.0f32; n])
         };
         Some(KvCache { k: zeroed()?, v: zeroed()?, capacity, kv_dim: config.kv_dim() })
     }
