@@ -5,6 +5,8 @@
 //!   their byte layouts, and dequantization;
 //! - [`activation`]: the 8-bit activation blocks that the integer dot products consume
 //!   (dynamic, per block of 32, absmax scaling);
+//! - [`w4`]: symmetric int4 weights in 16-row panels with per-channel or per-group f16
+//!   scales, per-token int4/int8 activations, and the W4A4 / W4A8 / W4A16 matrix kernels;
 //! - [`dot`]: block dot products — a scalar reference and x86 SIMD versions (AVX2,
 //!   AVX-512 VNNI) that are bit-identical to it — and [`dot::Kernels`], the dispatch table.
 #![no_std]
@@ -17,6 +19,7 @@ pub mod activation;
 pub mod blocks;
 pub mod dot;
 pub mod float;
+pub mod w4;
 
 pub use activation::{quantize_row_q8, Q8Row, Q8RowMut};
 pub use blocks::{WeightFormat, BLOCK_LEN};
