@@ -15,10 +15,14 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 pub mod activation;
 pub mod blocks;
 pub mod dot;
 pub mod float;
+pub mod hadamard;
 pub mod w4;
 
 pub use activation::{quantize_row_q8, Q8Row, Q8RowMut};

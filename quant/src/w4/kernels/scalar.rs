@@ -44,10 +44,10 @@ pub fn gemm_int(w: &W4Matrix<'_>, panels: Range<usize>, x: &TokenBatch<'_>, out:
                     acc[i] += w.scale(p * PANEL_ROWS + i, g) * isum[i] as f32;
                 }
             }
-            for i in 0..PANEL_ROWS {
+            for (i, a) in acc.iter().enumerate() {
                 let r = p * PANEL_ROWS + i;
                 if rows.contains(&r) {
-                    out[t * out_stride + r] = acc[i] * x.scales[t];
+                    out[t * out_stride + r] = a * x.scales[t];
                 }
             }
         }
@@ -85,10 +85,10 @@ pub fn gemm_float(
                     acc[i] += w.scale(p * PANEL_ROWS + i, g) * f[i];
                 }
             }
-            for i in 0..PANEL_ROWS {
+            for (i, &a) in acc.iter().enumerate() {
                 let r = p * PANEL_ROWS + i;
                 if rows.contains(&r) {
-                    out[t * out_stride + r] = acc[i];
+                    out[t * out_stride + r] = a;
                 }
             }
         }
