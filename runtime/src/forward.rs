@@ -12,6 +12,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use petrel_quant::w4::kernels::W4Kernels;
 use petrel_quant::{FloatKernels, Kernels};
 
 use crate::config::LlamaConfig;
@@ -97,8 +98,10 @@ pub enum Logits<'o> {
 /// What the forward pass computes with: kernels and threads.
 #[derive(Debug)]
 pub struct Compute<'t> {
-    /// Integer dot-product kernels.
+    /// Integer dot-product kernels for block-quantized weights.
     pub kernels: Kernels,
+    /// Matrix kernels for W4 weights.
+    pub w4: W4Kernels,
     /// f32 kernels for attention.
     pub float: FloatKernels,
     /// The threads that run the pass.
@@ -179,7 +182,6 @@ fn forward_batch(
 ) {
     let c = &model.config;
     let (n, dim, kv_dim, ffn) = (tokens.len(), c.dim, c.kv_dim(), c.ffn_dim);
-    let kernels = &compute.kernels;
 
     for (t, &token) in tokens.iter().enumerate() {
         model.token_embedding.dequantize_row(token as usize, &mut s.x[t * dim..(t + 1) * dim]);
@@ -190,9 +192,9 @@ fn forward_batch(
         // Attention.
         ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
         s.act.load(&s.xb, n, dim);
-        layer.wq.matmul(kernels, &s.act, &mut s.q, member, Gather::All);
-        layer.wk.matmul(kernels, &s.act, &mut s.k, member, Gather::All);
-        layer.wv.matmul(kernels, &s.act, &mut s.v, member, Gather::All);
+        layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
+        layer.wk.matmul(compute, &mut s.act, &mut s.k, member, Gather::All);
+        layer.wv.matmul(compute, &mut s.act, &mut s.v, member, Gather::All);
         for t in 0..n {
             let table = &s.rope[t * c.rope_dim..(t + 1) * c.rope_dim];
             ops::apply_rope(&mut s.q[t * dim..(t + 1) * dim], c.head_dim, table);
@@ -215,22 +217,27 @@ fn forward_batch(
         }
         member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
         s.act.load(&s.att, n, dim);
-        layer.wo.matmul(kernels, &s.act, &mut s.xb, member, Gather::All);
+        layer.wo.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
 
         // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
         ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
         s.act.load(&s.xb, n, dim);
-        layer.w_gate.matmul(kernels, &s.act, &mut s.gate, member, Gather::None);
-        layer.w_up.matmul(kernels, &s.act, &mut s.up, member, Gather::None);
-        let mine = member.share(ffn);
+        layer.w_gate.matmul(compute, &mut s.act, &mut s.gate, member, Gather::None);
+        layer.w_up.matmul(compute, &mut s.act, &mut s.up, member, Gather::None);
+        let mine = layer.w_gate.my_rows(member);
         for t in 0..n {
             let rows = t * ffn + mine.start..t * ffn + mine.end;
             ops::swiglu(&compute.float, &mut s.gate[rows.clone()], &s.up[rows]);
         }
-        member.all_gather(&mut s.gate[..n * ffn], n, ffn, 1);
+        layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
+        if let Some(hadamard) = &model.down_hadamard {
+            for row in s.gate[..n * ffn].chunks_exact_mut(ffn) {
+                hadamard.apply(row);
+            }
+        }
         s.act.load(&s.gate, n, ffn);
-        layer.w_down.matmul(kernels, &s.act, &mut s.xb, member, Gather::All);
+        layer.w_down.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
     }
 }
@@ -241,5 +248,5 @@ fn output_head(model: &Model<'_>, s: &mut RunState, compute: &Compute<'_>, membe
     let dim = model.config.dim;
     ops::rms_norm(&mut s.xb[..dim], &s.x[t * dim..(t + 1) * dim], &model.output_norm, model.config.norm_eps);
     s.act.load(&s.xb, 1, dim);
-    model.output.matmul(&compute.kernels, &s.act, &mut s.logits, member, Gather::Leader);
+    model.output.matmul(compute, &mut s.act, &mut s.logits, member, Gather::Leader);
 }

@@ -34,6 +34,7 @@ pub mod model;
 pub mod ops;
 pub mod parallel;
 pub mod sampler;
+pub mod scheme;
 pub mod session;
 pub mod tokenizer;
 

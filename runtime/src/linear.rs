@@ -1,20 +1,31 @@
-//! Weight matrices and the matrix multiplication on their stored blocks.
+//! Weight matrices and the matrix multiplication on their stored form.
 //!
 //! A [`Linear`] borrows a GGUF tensor of `rows × cols` (ggml dims `[cols, rows]`, each row
-//! contiguous). Quantized weights (Q4_0, Q4_1, Q8_0) are multiplied directly against
-//! 8-bit activation blocks ([`ActivationBatch`]) by `petrel-quant`'s integer kernels;
-//! F32 and F16 weights against the float activations.
+//! contiguous, or a W4 panel layout). Block-quantized weights (Q4_0, Q4_1, Q8_0) are
+//! multiplied against 8-bit activation blocks by `petrel-quant`'s integer kernels; W4
+//! weights ([`petrel_quant::w4`]) against per-token int4/int8 activations (W4A4, W4A8) or
+//! f32 ones (W4A16); F32 and F16 weights against the f32 activations.
+//!
+//! In a team, a member computes whole 16-row panels when `rows` is a multiple of 16 (W4
+//! needs it; the other storages follow the same split so that callers need not care).
 
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
-use petrel_quant::{blocks, quantize_row_q8, Kernels, Q8Row, Q8RowMut, WeightFormat, BLOCK_LEN};
+use core::ops::Range;
 
-use crate::gguf::{TensorInfo, TensorType};
+use petrel_quant::w4::activation::{quantize_token, ActBits, TokenBatch};
+use petrel_quant::w4::{pad_cols, GroupSize, W4Matrix, W4Shape, PANEL_ROWS};
+use petrel_quant::{blocks, quantize_row_q8, Q8Row, Q8RowMut, WeightFormat, BLOCK_LEN};
+
+use crate::forward::Compute;
+use crate::gguf::{GgufFile, TensorInfo, TensorType};
 use crate::model::ModelError;
 use crate::parallel::Member;
+use crate::scheme::{Activations, QuantScheme, SCALES_SUFFIX};
 
 /// How a weight matrix's elements are stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum WeightStorage {
     /// Blocks of 32 computed on by the integer kernels.
     Quantized(WeightFormat),
@@ -22,6 +33,8 @@ pub enum WeightStorage {
     F32,
     /// Little-endian IEEE f16.
     F16,
+    /// Symmetric int4 in 16-row panels, multiplied with these activations.
+    W4(Activations),
 }
 
 impl WeightStorage {
@@ -41,11 +54,12 @@ impl WeightStorage {
             WeightStorage::Quantized(f) => cols / BLOCK_LEN * f.block_bytes(),
             WeightStorage::F32 => cols * 4,
             WeightStorage::F16 => cols * 2,
+            WeightStorage::W4(_) => pad_cols(cols) / 2,
         }
     }
 }
 
-/// A `rows × cols` weight matrix borrowed from the model file, row-major.
+/// A `rows × cols` weight matrix borrowed from the model file.
 #[derive(Clone, Copy, Debug)]
 pub struct Linear<'a> {
     /// Output features.
@@ -55,10 +69,53 @@ pub struct Linear<'a> {
     /// Element storage.
     pub storage: WeightStorage,
     data: &'a [u8],
+    w4: Option<W4Matrix<'a>>,
 }
 
 impl<'a> Linear<'a> {
-    /// Wraps `tensor`, checking that it is a `rows × cols` matrix of a supported type.
+    /// Loads tensor `name` of `file` as a `rows × cols` matrix: a W4 tensor (type `I8`
+    /// with a `name.scales` companion, per `scheme`) or any storage [`Linear::new`] takes.
+    pub fn load(
+        file: &GgufFile<'a>,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        scheme: Option<&QuantScheme>,
+    ) -> Result<Self, ModelError> {
+        let tensor = file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if tensor.ty != TensorType::I8 {
+            return Self::new(tensor, rows, cols);
+        }
+        let scheme = scheme.ok_or(ModelError::BadMetadata {
+            key: crate::scheme::KEY_SCHEME.to_string(),
+            reason: "the file has W4 (I8) tensors but no quantization scheme",
+        })?;
+        let shape = W4Shape { rows, cols, group: scheme.group };
+        let bad_shape = |t: &TensorInfo<'_>, expected: Vec<u64>| ModelError::BadTensorShape {
+            tensor: t.name.to_string(),
+            expected,
+            found: t.shape().to_vec(),
+        };
+        let packed_dims = vec![(shape.padded_cols() / 2) as u64, shape.padded_rows() as u64];
+        if tensor.shape() != packed_dims.as_slice() || rows % PANEL_ROWS != 0 {
+            return Err(bad_shape(tensor, packed_dims));
+        }
+        let scales_name = alloc::format!("{name}{SCALES_SUFFIX}");
+        let scales = file.tensor(&scales_name).ok_or(ModelError::MissingTensor(scales_name))?;
+        let scale_dims = vec![(PANEL_ROWS * shape.groups()) as u64, shape.panels() as u64];
+        if scales.ty != TensorType::F16 {
+            return Err(ModelError::UnsupportedTensorType { tensor: scales.name.to_string(), ty: scales.ty.name() });
+        }
+        if scales.shape() != scale_dims.as_slice() {
+            return Err(bad_shape(scales, scale_dims));
+        }
+        let w4 = W4Matrix::new(shape, tensor.data, scales.data)
+            .map_err(|e| ModelError::BadW4Tensor { tensor: name.to_string(), reason: e })?;
+        Ok(Linear { rows, cols, storage: WeightStorage::W4(scheme.activations), data: tensor.data, w4: Some(w4) })
+    }
+
+    /// Wraps `tensor`, checking that it is a `rows × cols` matrix of a supported
+    /// (non-W4) type.
     pub fn new(tensor: &TensorInfo<'a>, rows: usize, cols: usize) -> Result<Self, ModelError> {
         if tensor.n_dims > 2
             || tensor.dims[0] != cols as u64
@@ -73,23 +130,31 @@ impl<'a> Linear<'a> {
         }
         let storage = WeightStorage::of(tensor.ty)
             .ok_or(ModelError::UnsupportedTensorType { tensor: tensor.name.into(), ty: tensor.ty.name() })?;
-        Ok(Linear { rows, cols, storage, data: tensor.data })
+        Ok(Linear { rows, cols, storage, data: tensor.data, w4: None })
     }
 
-    /// Bytes of the whole matrix.
+    /// Bytes of the whole matrix (codes and scales).
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.data.len() + self.w4.map_or(0, |w| w.scale_bytes().len())
     }
 
-    /// The stored bytes of row `r`.
+    /// Bytes read to use one row (an embedding lookup).
+    pub fn row_bytes(&self) -> usize {
+        self.storage.row_bytes(self.cols) + self.w4.map_or(0, |w| w.shape().groups() * 2)
+    }
+
+    /// The stored bytes of row `r` (not for W4 matrices, whose rows are interleaved).
     #[inline]
-    pub fn row(&self, r: usize) -> &'a [u8] {
+    fn row(&self, r: usize) -> &'a [u8] {
         let n = self.storage.row_bytes(self.cols);
         &self.data[r * n..(r + 1) * n]
     }
 
     /// Writes row `r` as f32 into `out` (`cols` long): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if let Some(w4) = &self.w4 {
+            return w4.dequantize_row(r, out);
+        }
         let row = self.row(r);
         match self.storage {
             WeightStorage::Quantized(format) => blocks::dequantize_row(format, row, out),
@@ -98,7 +163,7 @@ impl<'a> Linear<'a> {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            WeightStorage::F16 => {
+            _ => {
                 for (o, b) in out.iter_mut().zip(row.chunks_exact(2)) {
                     *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
                 }
@@ -106,33 +171,83 @@ impl<'a> Linear<'a> {
         }
     }
 
-    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
-    /// by token (`out` is `x.tokens() × rows`). Each team member computes its share of the
-    /// rows; `to` says who receives the complete result.
-    pub fn matmul(&self, kernels: &Kernels, x: &ActivationBatch, out: &mut [f32], member: &Member<'_>, to: Gather) {
-        let tokens = x.tokens;
-        debug_assert_eq!(x.cols, self.cols);
-        let out = &mut out[..tokens * self.rows];
-        let mine = member.share(self.rows);
-        for r in mine.clone() {
-            if r + PREFETCH_ROWS < mine.end {
-                petrel_quant::dot::prefetch(self.row(r + PREFETCH_ROWS));
-            }
-            self.row_times_batch(kernels, r, x, out);
+    /// The rows `member` computes in [`Linear::matmul`]: its share of whole 16-row panels
+    /// when `rows` is a multiple of 16, else its share of rows.
+    pub fn my_rows(&self, member: &Member<'_>) -> Range<usize> {
+        if self.rows.is_multiple_of(PANEL_ROWS) {
+            let panels = member.share(self.rows / PANEL_ROWS);
+            panels.start * PANEL_ROWS..panels.end * PANEL_ROWS
+        } else {
+            member.share(self.rows)
         }
+    }
+
+    /// Completes `out` (`tokens × rows`) from every member's [`Linear::my_rows`] for the
+    /// members `to` names.
+    pub fn gather(&self, member: &Member<'_>, out: &mut [f32], tokens: usize, to: Gather) {
+        let (n, width) =
+            if self.rows.is_multiple_of(PANEL_ROWS) { (self.rows / PANEL_ROWS, PANEL_ROWS) } else { (self.rows, 1) };
         match to {
-            Gather::All => member.all_gather(out, tokens, self.rows, 1),
-            Gather::Leader => member.gather_to_leader(out, tokens, self.rows, 1),
+            Gather::All => member.all_gather(out, tokens, n, width),
+            Gather::Leader => member.gather_to_leader(out, tokens, n, width),
             Gather::None => {}
         }
     }
 
-    /// `out[t * rows + r] = W[r] · x[t]` for every token of the batch.
+    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
+    /// by token (`out` is `x.tokens() × rows`). Each team member computes
+    /// [`Linear::my_rows`]; `to` says who receives the complete result.
+    pub fn matmul(
+        &self,
+        compute: &Compute<'_>,
+        x: &mut ActivationBatch,
+        out: &mut [f32],
+        member: &Member<'_>,
+        to: Gather,
+    ) {
+        let tokens = x.tokens;
+        debug_assert_eq!(x.cols, self.cols);
+        let out = &mut out[..tokens * self.rows];
+        let mine = self.my_rows(member);
+        match (self.storage, &self.w4) {
+            (WeightStorage::W4(activations), Some(w4)) => {
+                let panels = mine.start / PANEL_ROWS..mine.end / PANEL_ROWS;
+                match activations {
+                    Activations::Quantized { bits, clip } => {
+                        let batch = x.w4_batch(bits, clip, w4.shape().group);
+                        compute.w4.gemm_int(w4, panels, &batch, out, self.rows);
+                    }
+                    Activations::Float => {
+                        compute.w4.gemm_float(w4, panels, x.f32_padded(), tokens, out, self.rows);
+                    }
+                }
+            }
+            (WeightStorage::Quantized(_), _) => {
+                x.ensure_q8();
+                for r in mine.clone() {
+                    if r + PREFETCH_ROWS < mine.end {
+                        petrel_quant::dot::prefetch(self.row(r + PREFETCH_ROWS));
+                    }
+                    self.row_times_batch(compute, r, x, out);
+                }
+            }
+            _ => {
+                for r in mine {
+                    self.row_times_batch(compute, r, x, out);
+                }
+            }
+        }
+        self.gather(member, out, tokens, to);
+    }
+
+    /// `out[t * rows + r] = W[r] · x[t]` for every token of the batch (block and float
+    /// storages).
     #[inline]
-    fn row_times_batch(&self, kernels: &Kernels, r: usize, x: &ActivationBatch, out: &mut [f32]) {
+    fn row_times_batch(&self, compute: &Compute<'_>, r: usize, x: &ActivationBatch, out: &mut [f32]) {
         let (row, rows, tokens) = (self.row(r), self.rows, x.tokens);
         match self.storage {
             WeightStorage::Quantized(format) => {
+                let kernels = &compute.kernels;
                 let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
                 let mut t = 0;
                 while t + 4 <= tokens {
@@ -146,9 +261,29 @@ impl<'a> Linear<'a> {
                     out[t * rows + r] = dot(row, x.q8_row(t));
                 }
             }
-            WeightStorage::F32 | WeightStorage::F16 => {
+            WeightStorage::F32 => {
+                // The runtime reads files without `unsafe`, so the little-endian f32
+                // weights are decoded in chunks that the float kernel then multiplies.
+                let mut buf = [0f32; 64];
                 for t in 0..tokens {
-                    out[t * rows + r] = float_dot(self.storage, row, x.f32_row(t));
+                    let xs = x.f32_row(t);
+                    let mut sum = 0f32;
+                    for (chunk, xc) in row.chunks(4 * buf.len()).zip(xs.chunks(buf.len())) {
+                        for (o, b) in buf.iter_mut().zip(chunk.chunks_exact(4)) {
+                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                        sum += compute.float.dot(&buf[..xc.len()], xc);
+                    }
+                    out[t * rows + r] = sum;
+                }
+            }
+            _ => {
+                for t in 0..tokens {
+                    let mut sum = 0f32;
+                    for (b, &v) in row.chunks_exact(2).zip(x.f32_row(t)) {
+                        sum += half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() * v;
+                    }
+                    out[t * rows + r] = sum;
                 }
             }
         }
@@ -162,75 +297,66 @@ pub enum Gather {
     All,
     /// Only the leader (the logits).
     Leader,
-    /// Nobody: each member keeps only its own rows (`member.share(rows)` of every token).
+    /// Nobody: each member keeps only its own rows ([`Linear::my_rows`] of every token).
     None,
 }
 
-/// How many rows ahead of the current one the matmul prefetches.
+/// How many rows ahead of the current one the block matmul prefetches.
 const PREFETCH_ROWS: usize = 8;
 
-fn float_dot(storage: WeightStorage, row: &[u8], x: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    match storage {
-        WeightStorage::F32 => {
-            for (b, &v) in row.chunks_exact(4).zip(x) {
-                sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * v;
-            }
-        }
-        _ => {
-            for (b, &v) in row.chunks_exact(2).zip(x) {
-                sum += half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() * v;
-            }
-        }
-    }
-    sum
-}
-
-/// A batch of activation rows, in f32 and quantized to 8-bit blocks, allocated once for
-/// up to `max_tokens × max_cols`.
+/// A batch of activation rows in f32, and — computed on first use after each
+/// [`ActivationBatch::load`] — quantized to 8-bit blocks (for block weights) or per token
+/// (for W4 weights). Allocated once for up to `max_tokens × max_cols`.
 #[derive(Debug)]
 pub struct ActivationBatch {
+    /// f32 rows, each `pad_cols(cols)` long with zero padding.
     f32: Vec<f32>,
     qs: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
+    q8_ready: bool,
+    codes: Vec<i8>,
+    token_scales: Vec<f32>,
+    group_sums: Vec<i32>,
+    /// The (bits, clip bits, grouping) `codes` hold, if current.
+    w4_ready: Option<(ActBits, u32, GroupSize)>,
     tokens: usize,
     cols: usize,
 }
 
 impl ActivationBatch {
-    /// Storage for up to `max_tokens` rows of up to `max_cols` (a multiple of 32) values.
+    /// Storage for up to `max_tokens` rows of up to `max_cols` values.
     pub fn new(max_tokens: usize, max_cols: usize) -> Self {
-        let blocks = max_tokens * max_cols / BLOCK_LEN;
+        let padded = pad_cols(max_cols);
+        let blocks = max_tokens * max_cols.div_ceil(BLOCK_LEN);
         ActivationBatch {
-            f32: vec![0.0; max_tokens * max_cols],
+            f32: vec![0.0; max_tokens * padded],
             qs: vec![0; max_tokens * max_cols],
             scales: vec![0.0; blocks],
             sums: vec![0; blocks],
+            q8_ready: false,
+            codes: vec![0; max_tokens * padded],
+            token_scales: vec![0.0; max_tokens],
+            // The finest grouping (32) needs the most sums.
+            group_sums: vec![0; blocks],
+            w4_ready: None,
             tokens: 0,
             cols: 0,
         }
     }
 
-    /// Loads `x` (`tokens × cols`, row-major) and quantizes every row.
+    /// Loads `x` (`tokens × cols`, row-major); quantized forms are recomputed on demand.
     pub fn load(&mut self, x: &[f32], tokens: usize, cols: usize) {
-        let n = tokens * cols;
+        let padded = pad_cols(cols);
         self.tokens = tokens;
         self.cols = cols;
-        self.f32[..n].copy_from_slice(&x[..n]);
-        let blocks = n / BLOCK_LEN;
         for t in 0..tokens {
-            let (b0, b1) = (t * cols / BLOCK_LEN, (t + 1) * cols / BLOCK_LEN);
-            quantize_row_q8(
-                &x[t * cols..(t + 1) * cols],
-                Q8RowMut {
-                    qs: &mut self.qs[t * cols..(t + 1) * cols],
-                    scales: &mut self.scales[b0..b1],
-                    sums: &mut self.sums[b0..b1],
-                },
-            );
+            let row = &mut self.f32[t * padded..(t + 1) * padded];
+            row[..cols].copy_from_slice(&x[t * cols..(t + 1) * cols]);
+            row[cols..].fill(0.0);
         }
-        debug_assert!(blocks <= self.scales.len());
+        self.q8_ready = false;
+        self.w4_ready = None;
     }
 
     /// Number of rows loaded.
@@ -238,9 +364,29 @@ impl ActivationBatch {
         self.tokens
     }
 
-    /// Row `t`, quantized.
+    /// Quantizes every row to 8-bit blocks of 32 (`cols` must be a multiple of 32).
+    fn ensure_q8(&mut self) {
+        if self.q8_ready {
+            return;
+        }
+        let (cols, padded) = (self.cols, pad_cols(self.cols));
+        for t in 0..self.tokens {
+            let (b0, b1) = (t * cols / BLOCK_LEN, (t + 1) * cols / BLOCK_LEN);
+            quantize_row_q8(
+                &self.f32[t * padded..t * padded + cols],
+                Q8RowMut {
+                    qs: &mut self.qs[t * cols..(t + 1) * cols],
+                    scales: &mut self.scales[b0..b1],
+                    sums: &mut self.sums[b0..b1],
+                },
+            );
+        }
+        self.q8_ready = true;
+    }
+
+    /// Row `t`, quantized to 8-bit blocks (after [`ActivationBatch::ensure_q8`]).
     #[inline]
-    pub fn q8_row(&self, t: usize) -> Q8Row<'_> {
+    fn q8_row(&self, t: usize) -> Q8Row<'_> {
         let (b0, b1) = (t * self.cols / BLOCK_LEN, (t + 1) * self.cols / BLOCK_LEN);
         Q8Row {
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
@@ -249,10 +395,45 @@ impl ActivationBatch {
         }
     }
 
-    /// Row `t`, in f32.
+    /// The batch quantized per token to `bits` with clip ratio `clip`, with code sums per
+    /// `group` (computed once per load and reused by every W4 matrix of that form).
+    pub fn w4_batch(&mut self, bits: ActBits, clip: f32, group: GroupSize) -> TokenBatch<'_> {
+        let (cols, padded, groups) = (self.cols, pad_cols(self.cols), group.groups(self.cols));
+        let form = (bits, clip.to_bits(), group);
+        if self.w4_ready != Some(form) {
+            for t in 0..self.tokens {
+                self.token_scales[t] = quantize_token(
+                    &self.f32[t * padded..t * padded + cols],
+                    bits,
+                    clip,
+                    group,
+                    &mut self.codes[t * padded..(t + 1) * padded],
+                    &mut self.group_sums[t * groups..(t + 1) * groups],
+                );
+            }
+            self.w4_ready = Some(form);
+        }
+        TokenBatch {
+            tokens: self.tokens,
+            cols,
+            group,
+            codes: &self.codes[..self.tokens * padded],
+            scales: &self.token_scales[..self.tokens],
+            sums: &self.group_sums[..self.tokens * groups],
+        }
+    }
+
+    /// Every row in f32, `tokens × pad_cols(cols)` with zero padding.
+    #[inline]
+    pub fn f32_padded(&self) -> &[f32] {
+        &self.f32[..self.tokens * pad_cols(self.cols)]
+    }
+
+    /// Row `t`, in f32 (`cols` long).
     #[inline]
     pub fn f32_row(&self, t: usize) -> &[f32] {
-        &self.f32[t * self.cols..(t + 1) * self.cols]
+        let padded = pad_cols(self.cols);
+        &self.f32[t * padded..t * padded + self.cols]
     }
 }
 
@@ -260,16 +441,44 @@ impl ActivationBatch {
 mod tests {
     use super::*;
     use crate::gguf::{GgufFile, TensorType};
-    use crate::gguf_writer::GgufWriter;
+    use crate::gguf_writer::{GgufWriter, MetadataValue};
+    use crate::parallel::Team;
     use petrel_quant::blocks::quantize_row;
+    use petrel_quant::w4::kernels::W4Kernels;
+    use petrel_quant::w4::W4Error;
+    use petrel_quant::{FloatKernels, Kernels};
 
-    /// Every weight storage the native backend computes with, against a float matmul of
-    /// the dequantized weights with the (quantized, for the integer path) activations.
+    fn compute(team: &Team, scalar: bool) -> Compute<'_> {
+        let kernels = if scalar { Kernels::scalar() } else { Kernels::detect() };
+        let w4 = W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar);
+        Compute { kernels, w4, float: FloatKernels::detect(), team }
+    }
+
+    /// Runs `linear` on `x` with a two-member team and returns every member's complete
+    /// result (they must agree) with the activation batch it used.
+    fn run(linear: &Linear<'_>, compute: &Compute<'_>, x: &[f32], tokens: usize) -> (Vec<f32>, ActivationBatch) {
+        let results = compute.team.run(|member| {
+            let mut act = ActivationBatch::new(tokens, linear.cols);
+            act.load(x, tokens, linear.cols);
+            let mut out = vec![0f32; tokens * linear.rows];
+            linear.matmul(compute, &mut act, &mut out, member, Gather::All);
+            (out, act)
+        });
+        results
+    }
+
+    fn test_inputs(rows: usize, cols: usize, tokens: usize) -> (Vec<f32>, Vec<f32>) {
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 97.0).collect();
+        let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 104_729 % 89) as f32 - 44.0) / 31.0).collect();
+        (w, x)
+    }
+
+    /// Every block and float storage against a float matmul of the dequantized weights
+    /// with the (quantized, for the integer path) activations.
     #[test]
     fn matmul_matches_float_reference_for_every_storage() {
         let (rows, cols, tokens) = (13, 96, 6);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 97.0).collect();
-        let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 104_729 % 89) as f32 - 44.0) / 31.0).collect();
+        let (w, x) = test_inputs(rows, cols, tokens);
         let encode = |ty: TensorType| -> Vec<u8> {
             match ty {
                 TensorType::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -289,21 +498,16 @@ mod tests {
                 }
             }
         };
-        let team = crate::parallel::Team::new(2);
+        let team = Team::new(2);
         for ty in [TensorType::F32, TensorType::F16, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q8_0] {
             let mut writer = GgufWriter::new();
             writer.tensor("w", &[cols as u64, rows as u64], ty, encode(ty));
             let bytes = writer.to_bytes();
             let file = GgufFile::parse(&bytes).unwrap();
             let linear = Linear::new(file.tensor("w").unwrap(), rows, cols).unwrap();
-            let mut act = ActivationBatch::new(tokens, cols);
-            act.load(&x, tokens, cols);
-            for kernels in [Kernels::scalar(), Kernels::detect()] {
-                let out = team.run(|member| {
-                    let mut out = vec![0f32; tokens * rows];
-                    linear.matmul(&kernels, &act, &mut out, member, Gather::All);
-                    out
-                });
+            for scalar in [true, false] {
+                let (out, mut act) = run(&linear, &compute(&team, scalar), &x, tokens);
+                act.ensure_q8();
                 let mut dequantized = vec![0f32; cols];
                 for r in 0..rows {
                     linear.dequantize_row(r, &mut dequantized);
@@ -325,6 +529,151 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A W4 file in the layout `petrel quantize` writes: `rows × cols` weights, the scheme
+    /// metadata, and optionally a corruption applied to the tensors.
+    fn w4_file(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        scheme: &str,
+        group: GroupSize,
+        corrupt: impl Fn(&mut Vec<u8>, &mut Vec<u8>),
+    ) -> Vec<u8> {
+        let shape = W4Shape { rows, cols, group };
+        let groups = shape.groups();
+        let len = shape.group_len();
+        let mut scales = vec![0f32; rows * groups];
+        let mut codes = vec![0i8; rows * cols];
+        for r in 0..rows {
+            for g in 0..groups {
+                let range = r * cols + g * len..r * cols + ((g + 1) * len).min(cols);
+                let amax = w[range.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+                let s = petrel_quant::w4::round_scale(amax / 7.0);
+                scales[r * groups + g] = s;
+                for i in range {
+                    codes[i] = petrel_quant::w4::quantize_weight(w[i], s);
+                }
+            }
+        }
+        let (mut packed, mut scale_bytes) = (vec![0u8; shape.packed_bytes()], vec![0u8; shape.scale_count() * 2]);
+        petrel_quant::w4::pack(&shape, &codes, &scales, &mut packed, &mut scale_bytes);
+        corrupt(&mut packed, &mut scale_bytes);
+        let mut writer = GgufWriter::new();
+        writer
+            .metadata(crate::scheme::KEY_SCHEME, MetadataValue::String(scheme.into()))
+            .metadata(crate::scheme::KEY_GROUP_SIZE, MetadataValue::U32(group.as_len()))
+            .metadata(crate::scheme::KEY_ACTIVATION_CLIP, MetadataValue::F32(0.9))
+            .tensor("w", &[(shape.padded_cols() / 2) as u64, shape.padded_rows() as u64], TensorType::I8, packed)
+            .tensor("w.scales", &[(PANEL_ROWS * groups) as u64, shape.panels() as u64], TensorType::F16, scale_bytes);
+        writer.to_bytes()
+    }
+
+    /// W4A4, W4A8 and W4A16 through the runtime's matmul (two members, scalar and SIMD)
+    /// against the dequantized weights times the activations each scheme feeds them.
+    #[test]
+    fn w4_matmul_matches_dequantized_reference() {
+        let (rows, cols, tokens) = (48, 200, 5);
+        let (w, x) = test_inputs(rows, cols, tokens);
+        let team = Team::new(2);
+        for (scheme, group) in [("w4a4", GroupSize::PerChannel), ("w4a8", GroupSize::G64), ("w4a16", GroupSize::G32)] {
+            let bytes = w4_file(&w, rows, cols, scheme, group, |_, _| {});
+            let file = GgufFile::parse(&bytes).unwrap();
+            let scheme_meta = QuantScheme::from_gguf(&file).unwrap().unwrap();
+            assert_eq!(scheme_meta.name(), scheme);
+            let linear = Linear::load(&file, "w", rows, cols, Some(&scheme_meta)).unwrap();
+            let mut reference_out = None;
+            for scalar in [true, false] {
+                let (out, mut act) = run(&linear, &compute(&team, scalar), &x, tokens);
+                let xs: Vec<f32> = match scheme_meta.activations {
+                    Activations::Quantized { bits, clip } => {
+                        let b = act.w4_batch(bits, clip, group);
+                        let pc = pad_cols(cols);
+                        (0..tokens * cols)
+                            .map(|i| b.scales[i / cols] * b.codes[i / cols * pc + i % cols] as f32)
+                            .collect()
+                    }
+                    Activations::Float => x.clone(),
+                };
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    linear.dequantize_row(r, &mut row);
+                    for t in 0..tokens {
+                        let expected: f32 = row.iter().zip(&xs[t * cols..(t + 1) * cols]).map(|(a, b)| a * b).sum();
+                        let got = out[t * rows + r];
+                        assert!(
+                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                            "{scheme} {r} {t}: {got} vs {expected}"
+                        );
+                    }
+                }
+                // SIMD and scalar agree bit for bit.
+                match &reference_out {
+                    None => reference_out = Some(out),
+                    Some(r) => assert!(r.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()), "{scheme}"),
+                }
+            }
+        }
+    }
+
+    /// Files whose W4 tensors disagree with their scheme, shape or scales fail at load.
+    #[test]
+    fn malformed_w4_tensors_are_rejected_at_load() {
+        let (rows, cols) = (32, 64);
+        let (w, _) = test_inputs(rows, cols, 1);
+        let load = |bytes: &[u8], rows: usize| -> Result<(), ModelError> {
+            let file = GgufFile::parse(bytes).map_err(ModelError::Gguf)?;
+            let scheme = QuantScheme::from_gguf(&file)?;
+            Linear::load(&file, "w", rows, cols, scheme.as_ref()).map(|_| ())
+        };
+        let ok = w4_file(&w, rows, cols, "w4a4", GroupSize::G32, |_, _| {});
+        assert_eq!(load(&ok, rows), Ok(()));
+        // The matrix is declared with other rows than the metadata implies.
+        assert!(matches!(load(&ok, 16), Err(ModelError::BadTensorShape { .. })));
+        // A NaN scale.
+        let nan = w4_file(&w, rows, cols, "w4a4", GroupSize::G32, |_, s| {
+            s[10..12].copy_from_slice(&half::f16::NAN.to_bits().to_le_bytes())
+        });
+        assert!(matches!(
+            load(&nan, rows),
+            Err(ModelError::BadW4Tensor { reason: W4Error::BadScale { index: 5 }, .. })
+        ));
+        // Scales written for another group size than the metadata says.
+        let mut wrong_group = w4_file(&w, rows, cols, "w4a4", GroupSize::PerChannel, |_, _| {});
+        let file = GgufFile::parse(&wrong_group).unwrap();
+        let scheme = QuantScheme { group: GroupSize::G32, ..QuantScheme::from_gguf(&file).unwrap().unwrap() };
+        assert!(matches!(Linear::load(&file, "w", rows, cols, Some(&scheme)), Err(ModelError::BadTensorShape { .. })));
+        // An unknown scheme name, a bad group size, a clip ratio out of range.
+        for (key, value) in [
+            (crate::scheme::KEY_SCHEME, MetadataValue::String("w3a3".into())),
+            (crate::scheme::KEY_GROUP_SIZE, MetadataValue::U32(48)),
+            (crate::scheme::KEY_ACTIVATION_CLIP, MetadataValue::F32(1.5)),
+        ] {
+            wrong_group = w4_file(&w, rows, cols, "w4a4", GroupSize::G32, |_, _| {});
+            let file = GgufFile::parse(&wrong_group).unwrap();
+            let mut writer = GgufWriter::new();
+            for (k, v) in file.metadata() {
+                if *k != key {
+                    let value = match (v.as_str(), v.as_u64(), v.as_f32()) {
+                        (Some(s), _, _) => MetadataValue::String(s.into()),
+                        (_, Some(n), _) => MetadataValue::U32(n as u32),
+                        (_, _, Some(f)) => MetadataValue::F32(f),
+                        _ => unreachable!(),
+                    };
+                    writer.metadata(k, value);
+                }
+            }
+            writer.metadata(key, value);
+            let bytes = writer.to_bytes();
+            let file = GgufFile::parse(&bytes).unwrap();
+            assert!(matches!(QuantScheme::from_gguf(&file), Err(ModelError::BadMetadata { .. })), "{key}");
+        }
+        // W4 tensors without any scheme metadata.
+        let mut writer = GgufWriter::new();
+        writer.tensor("w", &[32, 32], TensorType::I8, vec![0x88; 1024]);
+        let bytes = writer.to_bytes();
+        assert!(matches!(load(&bytes, rows), Err(ModelError::BadMetadata { .. })));
     }
 
     #[test]

@@ -7,7 +7,10 @@ use core::fmt;
 use crate::config::LlamaConfig;
 use crate::gguf::{GgufError, GgufFile, TensorInfo, TensorType};
 use crate::linear::Linear;
+use crate::scheme::{QuantScheme, Rotation};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use petrel_quant::hadamard::Hadamard;
+use petrel_quant::w4::W4Error;
 
 /// Why a model could not be loaded.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +31,8 @@ pub enum ModelError {
     BadTensorShape { tensor: String, expected: Vec<u64>, found: Vec<u64> },
     /// A tensor stored in a type this backend cannot compute with.
     UnsupportedTensorType { tensor: String, ty: &'static str },
+    /// A W4 tensor whose codes or scales are malformed.
+    BadW4Tensor { tensor: String, reason: W4Error },
 }
 
 impl fmt::Display for ModelError {
@@ -45,6 +50,7 @@ impl fmt::Display for ModelError {
             ModelError::UnsupportedTensorType { tensor, ty } => {
                 write!(f, "tensor {tensor:?} has type {ty}, which the native backend cannot compute with")
             }
+            ModelError::BadW4Tensor { tensor, reason } => write!(f, "W4 tensor {tensor:?} is malformed: {reason}"),
         }
     }
 }
@@ -102,6 +108,10 @@ pub struct Model<'a> {
     pub output: Linear<'a>,
     /// The tokenizer stored in the file.
     pub tokenizer: Tokenizer,
+    /// How W4 tensors are computed with, for files Petrel quantized.
+    pub scheme: Option<QuantScheme>,
+    /// The online Hadamard transform applied to the input of `ffn_down` (QuaRot files).
+    pub down_hadamard: Option<Hadamard>,
 }
 
 impl<'a> Model<'a> {
@@ -116,13 +126,21 @@ impl<'a> Model<'a> {
                 found: alloc::vec![config.dim as u64, config.vocab_size as u64],
             });
         }
+        let scheme = QuantScheme::from_gguf(file)?;
         let tensor = |name: &str| file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()));
-        let linear = |name: &str, rows: usize, cols: usize| Linear::new(tensor(name)?, rows, cols);
+        let linear = |name: &str, rows: usize, cols: usize| Linear::load(file, name, rows, cols, scheme.as_ref());
         let (dim, kv_dim, ffn) = (config.dim, config.kv_dim(), config.ffn_dim);
         let token_embedding = linear("token_embd.weight", config.vocab_size, dim)?;
         let output = match file.tensor("output.weight") {
-            Some(t) => Linear::new(t, config.vocab_size, dim)?,
+            Some(_) => linear("output.weight", config.vocab_size, dim)?,
             None => token_embedding,
+        };
+        let down_hadamard = match scheme.map(|s| s.rotation) {
+            Some(Rotation::QuaRot) => Some(Hadamard::new(ffn).ok_or(ModelError::BadMetadata {
+                key: crate::scheme::KEY_ROTATION.to_string(),
+                reason: "quarot needs a Hadamard matrix of the FFN width, and none is known for it",
+            })?),
+            _ => None,
         };
         let mut layers = Vec::with_capacity(config.layers);
         for l in 0..config.layers {
@@ -140,7 +158,7 @@ impl<'a> Model<'a> {
             });
         }
         let output_norm = vector(tensor("output_norm.weight")?, dim)?;
-        Ok(Model { config, token_embedding, layers, output_norm, output, tokenizer })
+        Ok(Model { config, token_embedding, layers, output_norm, output, tokenizer, scheme, down_hadamard })
     }
 
     /// Bytes of weights read per decoded token (every matrix once; norms ignored).
@@ -150,7 +168,7 @@ impl<'a> Model<'a> {
             .iter()
             .map(|l| [l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down].iter().map(|w| w.bytes()).sum::<usize>())
             .sum();
-        per_layer + self.output.bytes() + self.token_embedding.row(0).len()
+        per_layer + self.output.bytes() + self.token_embedding.row_bytes()
     }
 }
 

@@ -2,6 +2,7 @@
 
 use alloc::vec::Vec;
 use core::fmt;
+use petrel_quant::w4::kernels::W4Kernels;
 use petrel_quant::{FloatKernels, Kernels};
 
 use crate::forward::{forward, forward_member, Compute, Logits, RunState};
@@ -91,6 +92,7 @@ pub struct Session<'m, 'a> {
     states: Vec<spin::Mutex<RunState>>,
     team: Team,
     kernels: Kernels,
+    w4: W4Kernels,
     float: FloatKernels,
     position: usize,
 }
@@ -106,6 +108,7 @@ impl<'m, 'a> Session<'m, 'a> {
             return Err(SessionError::CapacityTooLarge { requested: capacity, context_length });
         }
         let team = Team::new(options.threads);
+        let kernels = options.kernels.unwrap_or_else(Kernels::detect);
         let cache = KvCache::new(&model.config, capacity)
             .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity) })?;
         Ok(Session {
@@ -115,7 +118,10 @@ impl<'m, 'a> Session<'m, 'a> {
                 .map(|_| spin::Mutex::new(RunState::new(&model.config, options.max_batch)))
                 .collect(),
             team,
-            kernels: options.kernels.unwrap_or_else(Kernels::detect),
+            kernels,
+            // The W4 kernels follow the block kernels' instruction set, so that choosing
+            // the scalar reference chooses it everywhere.
+            w4: W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar),
             float: FloatKernels::detect(),
             position: 0,
         })
@@ -179,7 +185,7 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Appends `tokens` to the conversation and returns the logits after the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
-        let compute = Compute { kernels: self.kernels, float: self.float, team: &self.team };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team };
         forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
         self.position += tokens.len();
         Ok(self.states[0].get_mut().logits_mut())
@@ -201,7 +207,7 @@ impl<'m, 'a> Session<'m, 'a> {
         self.check(tokens)?;
         let vocab = self.model.config.vocab_size;
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
-        let compute = Compute { kernels: self.kernels, float: self.float, team: &self.team };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team };
         let logits = Logits::All(out);
         forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, logits);
         self.position += tokens.len();
@@ -223,7 +229,7 @@ impl<'m, 'a> Session<'m, 'a> {
             sampler.observe(t);
         }
         let (model, states, start, capacity) = (self.model, &self.states, self.position, self.cache.capacity());
-        let compute = Compute { kernels: self.kernels, float: self.float, team: &self.team };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team };
         let cache = spin::RwLock::new(&mut self.cache);
         // What the leader asks of the workers after each barrier: `None` ends the call.
         let next: spin::Mutex<Option<(u32, usize)>> = spin::Mutex::new(None);
