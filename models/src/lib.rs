@@ -1,5 +1,6 @@
 //! Petrel's model tooling: the model cache and downloads, and helpers shared by the
 //! `petrel` command-line tool and the benchmark.
 
+pub mod quantize;
 pub mod registry;
 pub mod stats;

@@ -1,5 +1,7 @@
 //! `petrel`: run language models on the Petrel runtime.
 
+mod eval;
+
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,6 +43,14 @@ enum Command {
     Chat {
         #[command(flatten)]
         generation: GenerationArgs,
+    },
+    /// Quantize a model to W4 (W4A4, W4A8, W4A16), optionally rotated (QuaRot) and with
+    /// GPTQ, into a GGUF the runtime runs.
+    Quantize(petrel_models::quantize::QuantizeArgs),
+    /// Measure a model's quality (`petrel eval ppl`: perplexity on a text file).
+    Eval {
+        #[command(subcommand)]
+        command: eval::EvalCommand,
     },
     /// Print a GGUF file's metadata and tensor table.
     Inspect {
@@ -107,6 +117,22 @@ impl GenerationArgs {
     }
 }
 
+fn quantize(args: &petrel_models::quantize::QuantizeArgs) -> Result<()> {
+    let started = Instant::now();
+    let summary = petrel_models::quantize::run(args)?;
+    let calibration = match summary.calib_tokens {
+        0 => String::new(),
+        n => format!(", GPTQ calibrated on {n} tokens"),
+    };
+    eprintln!(
+        "wrote {} ({:.1} MB) in {:.1} s{calibration}",
+        args.output.display(),
+        summary.file_bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -114,6 +140,8 @@ fn main() {
         Command::Run { generation, raw, prompt } => run(&generation, raw, &prompt),
         Command::Chat { generation } => chat(&generation),
         Command::Inspect { file, full } => inspect(&file, full),
+        Command::Eval { command } => eval::run(command),
+        Command::Quantize(args) => quantize(&args),
     };
     if let Err(e) = result {
         // A closed pipe (`petrel inspect … | head`) is a normal way to stop reading.

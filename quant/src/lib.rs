@@ -23,6 +23,8 @@ pub mod blocks;
 pub mod dot;
 pub mod float;
 pub mod hadamard;
+#[cfg(feature = "alloc")]
+pub mod ptq;
 pub mod w4;
 
 pub use activation::{quantize_row_q8, Q8Row, Q8RowMut};

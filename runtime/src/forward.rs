@@ -106,6 +106,43 @@ pub struct Compute<'t> {
     pub float: FloatKernels,
     /// The threads that run the pass.
     pub team: &'t Team,
+    /// Receives the input of every linear layer (calibration, statistics); `None` in
+    /// normal use.
+    pub tap: Option<&'t dyn ActivationTap>,
+}
+
+impl core::fmt::Debug for dyn ActivationTap + '_ {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("ActivationTap")
+    }
+}
+
+/// Where in a block an [`ActivationTap`] observes activations: the inputs of the linear
+/// layers, exactly as they are fed to them (after normalization, and after the online
+/// Hadamard transform for `ffn_down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TapSite {
+    /// Input of the query, key and value projections (`dim` wide).
+    AttentionInput,
+    /// Input of the attention output projection (`dim` wide).
+    AttentionOutput,
+    /// Input of the gate and up projections (`dim` wide).
+    MlpInput,
+    /// Input of the down projection (`ffn_dim` wide).
+    DownInput,
+}
+
+impl TapSite {
+    /// All sites, in the order a block reaches them.
+    pub const ALL: [TapSite; 4] =
+        [TapSite::AttentionInput, TapSite::AttentionOutput, TapSite::MlpInput, TapSite::DownInput];
+}
+
+/// An observer of the activations entering the linear layers; called by the team's
+/// leader only, with `rows` holding `tokens × cols` values row-major.
+pub trait ActivationTap: Sync {
+    /// Sees the input of the linears at `site` of block `layer` for a batch of tokens.
+    fn observe(&self, layer: usize, site: TapSite, rows: &[f32], tokens: usize, cols: usize);
 }
 
 /// Runs `tokens` at positions `first_position..`, appending their keys and values to
@@ -192,6 +229,7 @@ fn forward_batch(
         // Attention.
         ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
         s.act.load(&s.xb, n, dim);
+        tap(compute, member, l, TapSite::AttentionInput, &s.xb[..n * dim], n, dim);
         layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
         layer.wk.matmul(compute, &mut s.act, &mut s.k, member, Gather::All);
         layer.wv.matmul(compute, &mut s.act, &mut s.v, member, Gather::All);
@@ -217,12 +255,14 @@ fn forward_batch(
         }
         member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
         s.act.load(&s.att, n, dim);
+        tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * dim], n, dim);
         layer.wo.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
 
         // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
         ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
         s.act.load(&s.xb, n, dim);
+        tap(compute, member, l, TapSite::MlpInput, &s.xb[..n * dim], n, dim);
         layer.w_gate.matmul(compute, &mut s.act, &mut s.gate, member, Gather::None);
         layer.w_up.matmul(compute, &mut s.act, &mut s.up, member, Gather::None);
         let mine = layer.w_gate.my_rows(member);
@@ -237,8 +277,17 @@ fn forward_batch(
             }
         }
         s.act.load(&s.gate, n, ffn);
+        tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);
         layer.w_down.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+    }
+}
+
+/// Shows the leader's batch to the tap, if any.
+#[inline]
+fn tap(compute: &Compute<'_>, member: &Member<'_>, layer: usize, site: TapSite, rows: &[f32], n: usize, cols: usize) {
+    if let (Some(tap), true) = (compute.tap, member.is_leader()) {
+        tap.observe(layer, site, rows, n, cols);
     }
 }
 

@@ -138,6 +138,11 @@ impl<'a> Linear<'a> {
         self.data.len() + self.w4.map_or(0, |w| w.scale_bytes().len())
     }
 
+    /// Whether both matrices borrow the same bytes (a tied embedding and output head).
+    pub fn same_data(&self, other: &Linear<'_>) -> bool {
+        core::ptr::eq(self.data, other.data)
+    }
+
     /// Bytes read to use one row (an embedding lookup).
     pub fn row_bytes(&self) -> usize {
         self.storage.row_bytes(self.cols) + self.w4.map_or(0, |w| w.shape().groups() * 2)
@@ -451,7 +456,7 @@ mod tests {
     fn compute(team: &Team, scalar: bool) -> Compute<'_> {
         let kernels = if scalar { Kernels::scalar() } else { Kernels::detect() };
         let w4 = W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar);
-        Compute { kernels, w4, float: FloatKernels::detect(), team }
+        Compute { kernels, w4, float: FloatKernels::detect(), team, tap: None }
     }
 
     /// Runs `linear` on `x` with a two-member team and returns every member's complete

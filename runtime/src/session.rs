@@ -5,7 +5,7 @@ use core::fmt;
 use petrel_quant::w4::kernels::W4Kernels;
 use petrel_quant::{FloatKernels, Kernels};
 
-use crate::forward::{forward, forward_member, Compute, Logits, RunState};
+use crate::forward::{forward, forward_member, ActivationTap, Compute, Logits, RunState};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::parallel::Team;
@@ -185,7 +185,18 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Appends `tokens` to the conversation and returns the logits after the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
+        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
+        self.position += tokens.len();
+        Ok(self.states[0].get_mut().logits_mut())
+    }
+
+    /// As [`Session::prefill`], showing the input of every linear layer to `tap` on the
+    /// way (calibration and activation statistics).
+    pub fn prefill_observed(&mut self, tokens: &[u32], tap: &dyn ActivationTap) -> Result<&mut [f32], SessionError> {
+        self.check(tokens)?;
+        let compute =
+            Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: Some(tap) };
         forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
         self.position += tokens.len();
         Ok(self.states[0].get_mut().logits_mut())
@@ -207,7 +218,7 @@ impl<'m, 'a> Session<'m, 'a> {
         self.check(tokens)?;
         let vocab = self.model.config.vocab_size;
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
         let logits = Logits::All(out);
         forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, logits);
         self.position += tokens.len();
@@ -229,7 +240,7 @@ impl<'m, 'a> Session<'m, 'a> {
             sampler.observe(t);
         }
         let (model, states, start, capacity) = (self.model, &self.states, self.position, self.cache.capacity());
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
         let cache = spin::RwLock::new(&mut self.cache);
         // What the leader asks of the workers after each barrier: `None` ends the call.
         let next: spin::Mutex<Option<(u32, usize)>> = spin::Mutex::new(None);
