@@ -39,18 +39,35 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 VNNI (256-bit `vpdpbusd`, needs AVX-512 VL) on top of AVX2.
     Avx512Vnni,
+    /// aarch64 NEON with the dot-product extension (`sdot`; Armv8.2-A and later).
+    NeonDot,
+    /// aarch64 NEON with the int8 matrix-multiply extension (`smmla`; Armv8.6-A and later).
+    NeonI8mm,
 }
 
 impl Isa {
-    /// Every instruction set this build has kernels for, the reference first.
+    /// Every instruction set this build's target architecture has kernels for, the
+    /// reference first, then in increasing order of preference.
+    #[cfg(target_arch = "x86_64")]
     pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    /// Every instruction set this build's target architecture has kernels for, the
+    /// reference first, then in increasing order of preference.
+    #[cfg(target_arch = "aarch64")]
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::NeonDot, Isa::NeonI8mm];
+    /// Every instruction set this build's target architecture has kernels for: only the
+    /// reference.
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    pub const ALL: [Isa; 1] = [Isa::Scalar];
 
-    /// A short lower-case name (`scalar`, `avx2`, `avx512vnni`).
+    /// A short lower-case name (`scalar`, `avx2`, `avx512vnni`, `neon-dotprod`,
+    /// `neon-i8mm`).
     pub const fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::NeonDot => "neon-dotprod",
+            Isa::NeonI8mm => "neon-i8mm",
         }
     }
 }

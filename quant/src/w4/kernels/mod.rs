@@ -18,9 +18,15 @@
 //!
 //! Outputs go to `out[t · out_stride + r]` for the rows `r < rows` of the given panels.
 
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod aarch64;
+#[cfg(feature = "alloc")]
+pub mod lut;
 pub mod scalar;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use core::ops::Range;
 
@@ -54,6 +60,22 @@ impl W4Kernels {
     pub fn for_isa(isa: Isa) -> Option<Self> {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if x86::has_avx2() => {
+                Some(W4Kernels { isa, int: x86::gemm_int_avx2, float: x86::gemm_float_avx2 })
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni if x86::has_avx512vnni() => {
+                Some(W4Kernels { isa, int: x86::gemm_int_vnni, float: x86::gemm_float_vnni })
+            }
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Isa::NeonDot if aarch64::has_dotprod() => {
+                Some(W4Kernels { isa, int: aarch64::gemm_int_dot, float: aarch64::gemm_float })
+            }
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Isa::NeonI8mm if aarch64::has_i8mm() => {
+                Some(W4Kernels { isa, int: aarch64::gemm_int_i8mm, float: aarch64::gemm_float })
+            }
             _ => None,
         }
     }

@@ -171,3 +171,157 @@ proptest! {
         check_every_isa(rows, cols, tokens, group_of(group), bits, seed);
     }
 }
+
+#[test]
+fn smollm2_shapes_with_more_tokens_match_the_reference() {
+    for (rows, cols) in [(1536, 576), (576, 1536)] {
+        for (i, tokens) in [1, 4, 7, 64].into_iter().enumerate() {
+            let group = group_of(i as u8);
+            check_every_isa(rows, cols, tokens, group, if i % 2 == 0 { ActBits::A4 } else { ActBits::A8 }, i as u64);
+        }
+    }
+}
+
+/// Extreme codes on rows long enough for the VNNI kernels' high-nibble accumulators to be
+/// folded mid-row (every 16384 octs) at their bound (`4 · 240 · 127` per oct).
+#[test]
+fn extreme_codes_on_very_long_rows_match_the_reference() {
+    let (rows, cols) = (20, 16384 * 8 + 72);
+    let shape = W4Shape { rows, cols, group: GroupSize::PerChannel };
+    let codes: Vec<i8> = (0..rows * cols).map(|i| if i % cols < 3 { -8 } else { 7 }).collect();
+    let scales: Vec<f32> = (0..rows).map(|r| 1e-3 * (r + 1) as f32).collect();
+    let (mut packed, mut sb) = (std::vec![0u8; shape.packed_bytes()], std::vec![0u8; shape.scale_count() * 2]);
+    pack(&shape, &codes, &scales, &mut packed, &mut sb);
+    let w = W4Matrix::new(shape, &packed, &sb).unwrap();
+    for tokens in [1, 2] {
+        let pc = pad_cols(cols);
+        let mut xc = std::vec![0i8; tokens * pc];
+        for t in 0..tokens {
+            xc[t * pc..t * pc + cols].fill(if t == 0 { 127 } else { -127 });
+        }
+        let sums: Vec<i32> = (0..tokens).map(|t| xc[t * pc..(t + 1) * pc].iter().map(|&q| q as i32).sum()).collect();
+        let xs: Vec<f32> = (0..tokens).map(|t| 0.5 + t as f32).collect();
+        let batch = TokenBatch { tokens, cols, group: GroupSize::PerChannel, codes: &xc, scales: &xs, sums: &sums };
+        let mut reference = std::vec![0f32; tokens * rows];
+        W4Kernels::scalar().gemm_int(&w, 0..shape.panels(), &batch, &mut reference, rows);
+        for isa in Isa::ALL {
+            if let Some(k) = W4Kernels::for_isa(isa) {
+                let mut got = std::vec![0f32; tokens * rows];
+                k.gemm_int(&w, 0..shape.panels(), &batch, &mut got, rows);
+                assert_eq!(got, reference, "{isa:?} t={tokens}");
+            }
+        }
+    }
+}
+
+/// The lookup-table kernel of every instruction set that has one against the scalar
+/// reference, bit for bit, on the whole matrix and on a range of blocks that starts later.
+fn check_lut(rows: usize, cols: usize, tokens: usize, group: GroupSize, seed: u64) {
+    use super::lut::{LutKernel, LutMatrix};
+    let fixture = Fixture::new(rows, cols, group, seed);
+    let w = fixture.matrix();
+    let lut = LutMatrix::new(&w);
+    let x = Tokens::new(tokens, cols, group, ActBits::A4, seed);
+    let batch = x.batch(cols, group);
+    let stride = rows + 5;
+    let blocks = lut.blocks();
+    for range in [0..blocks, blocks / 2..blocks] {
+        let panels = (range.start * 4).min(w.shape().panels())..w.shape().panels();
+        let mut reference = std::vec![f32::NAN; tokens * stride];
+        W4Kernels::scalar().gemm_int(&w, panels, &batch, &mut reference, stride);
+        for isa in Isa::ALL {
+            if let Some(k) = LutKernel::for_isa(isa) {
+                let mut got = std::vec![f32::NAN; tokens * stride];
+                k.gemm_int(&lut, range.clone(), &batch, &mut got, stride).unwrap();
+                for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "lut {isa:?} {rows}x{cols} t={tokens} {group:?} at {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lut_matches_the_reference_on_smollm2_shapes() {
+    check_lut(576, 576, 5, GroupSize::PerChannel, 3);
+    check_lut(192, 576, 9, GroupSize::G32, 4);
+    check_lut(1536, 576, 1, GroupSize::G128, 5);
+    check_lut(576, 1536, 4, GroupSize::PerChannel, 6);
+}
+
+/// Every product at its maximum (`-8 · -8`) over more than `FLUSH_PAIRS` column pairs: the
+/// 16-bit accumulators run at their bound and the results must still be exact.
+#[test]
+fn lut_is_exact_at_the_accumulator_bounds() {
+    use super::lut::{lut_gemm_int, LutMatrix, FLUSH_PAIRS};
+    let (rows, cols) = (70, 2 * FLUSH_PAIRS * 3 + 8);
+    for group in [GroupSize::PerChannel, GroupSize::G128] {
+        let shape = W4Shape { rows, cols, group };
+        let codes = std::vec![-8i8; rows * cols];
+        let scales = std::vec![0.5f32; rows * shape.groups()];
+        let (mut packed, mut sb) = (std::vec![0u8; shape.packed_bytes()], std::vec![0u8; shape.scale_count() * 2]);
+        pack(&shape, &codes, &scales, &mut packed, &mut sb);
+        let w = W4Matrix::new(shape, &packed, &sb).unwrap();
+        let tokens = 3;
+        let pc = pad_cols(cols);
+        let mut xc = std::vec![0i8; tokens * pc];
+        for t in 0..tokens {
+            xc[t * pc..t * pc + cols].fill(-8);
+        }
+        let sums: Vec<i32> = (0..tokens * shape.groups())
+            .map(|i| {
+                let g = i % shape.groups();
+                let len = shape.group_len();
+                -8 * ((g + 1) * len).min(cols).saturating_sub(g * len) as i32
+            })
+            .collect();
+        let xs = std::vec![0.25f32; tokens];
+        let batch = TokenBatch { tokens, cols, group, codes: &xc, scales: &xs, sums: &sums };
+        let mut reference = std::vec![0f32; tokens * rows];
+        W4Kernels::scalar().gemm_int(&w, 0..shape.panels(), &batch, &mut reference, rows);
+        assert_eq!(reference[0], 0.5 * 64.0 * cols as f32 * 0.25);
+        let mut got = std::vec![0f32; tokens * rows];
+        match lut_gemm_int(&LutMatrix::new(&w), &batch, &mut got, rows) {
+            Ok(()) => assert_eq!(got, reference),
+            Err(e) => assert_eq!(e, super::lut::LutError::Unsupported),
+        }
+    }
+}
+
+#[test]
+fn lut_rejects_int8_activations() {
+    use super::lut::{LutKernel, LutMatrix};
+    let (rows, cols, group) = (20, 40, GroupSize::G32);
+    let fixture = Fixture::new(rows, cols, group, 1);
+    let lut = LutMatrix::new(&fixture.matrix());
+    let x = Tokens::new(2, cols, group, ActBits::A8, 1);
+    let mut out = std::vec![1f32; 2 * rows];
+    for isa in Isa::ALL {
+        if let Some(k) = LutKernel::for_isa(isa) {
+            assert_eq!(
+                k.gemm_int(&lut, 0..lut.blocks(), &x.batch(cols, group), &mut out, rows),
+                Err(super::lut::LutError::NotInt4)
+            );
+            assert!(out.iter().all(|&v| v == 1.0));
+        }
+    }
+}
+
+/// `PROPTEST_CASES` if set, else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
+    #[test]
+    fn lut_matches_the_reference(
+        rows in 1usize..200, cols in 1usize..600, tokens in 1usize..11, group in 0u8..4, seed in any::<u64>(),
+    ) {
+        check_lut(rows, cols, tokens, group_of(group), seed);
+    }
+}
