@@ -401,3 +401,6 @@ fn convert_metadata(value: &Value<'_>) -> Option<MetadataValue> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests;
