@@ -373,8 +373,8 @@ mod tests {
         let mut seen = vec![0; n];
         for w in windows {
             assert!(w.start < w.score_from && w.score_from <= w.end && w.end <= n, "{w:?}");
-            for t in w.score_from..w.end {
-                seen[t] += 1;
+            for count in &mut seen[w.score_from..w.end] {
+                *count += 1;
             }
         }
         seen

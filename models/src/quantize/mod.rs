@@ -91,6 +91,10 @@ pub struct QuantizeArgs {
     /// Quantize with GPTQ (needs --calib) instead of round-to-nearest.
     #[arg(long, requires = "calib")]
     pub gptq: bool,
+    /// GPTQ: quantize columns in order of decreasing Hessian diagonal ("act-order"; group
+    /// scales then come from the unquantized weights).
+    #[arg(long, requires = "gptq")]
+    pub act_order: bool,
     /// Calibration text for GPTQ (use training text, not the evaluation text).
     #[arg(long)]
     pub calib: Option<PathBuf>,
@@ -171,6 +175,7 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
         group,
         act_clip: args.act_clip,
         rotated: args.rotate,
+        act_order: args.act_order,
         embedding: if args.scheme == Scheme::F32 { TableFormat::F32 } else { args.embedding },
         head: if args.scheme == Scheme::F32 { TableFormat::F32 } else { args.head },
         dense_linears: TableFormat::F32,
@@ -193,6 +198,7 @@ struct Layout {
     group: GroupSize,
     act_clip: f32,
     rotated: bool,
+    act_order: bool,
     embedding: TableFormat,
     head: TableFormat,
     /// Storage of the blocks' linears when the scheme is `F32` (unquantized).
@@ -207,6 +213,7 @@ impl Layout {
             group: GroupSize::PerChannel,
             act_clip: 1.0,
             rotated,
+            act_order: false,
             embedding: TableFormat::Q8_0,
             head: TableFormat::Q8_0,
             dense_linears: TableFormat::Q8_0,
@@ -246,7 +253,7 @@ fn write_model(
     );
     let table = |w: &mut GgufWriter, name: &str, m: &Matrix, format: TableFormat| -> Result<()> {
         match format {
-            TableFormat::W4 => put_w4(w, name, &quantize_w4(m, layout.group, None)?),
+            TableFormat::W4 => put_w4(w, name, &quantize_w4(m, layout.group, None, false)?),
             other => put_dense(w, name, m, other),
         }
         Ok(())
@@ -286,7 +293,7 @@ fn write_model(
                         _ => TapSite::DownInput,
                     };
                     let hessian = hessians.map(|h| h.get(l, site));
-                    let q = quantize_w4(m, layout.group, hessian.as_deref())
+                    let q = quantize_w4(m, layout.group, hessian.as_deref(), layout.act_order)
                         .with_context(|| format!("quantizing {name}"))?;
                     put_w4(&mut w, &name, &q);
                 }
@@ -306,7 +313,7 @@ struct W4Tensor {
 }
 
 /// Round-to-nearest with MSE-optimal clipping, or GPTQ when a Hessian is given.
-fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>) -> Result<W4Tensor> {
+fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>, act_order: bool) -> Result<W4Tensor> {
     let shape = W4Shape { rows: m.rows, cols: m.cols, group };
     if m.rows % PANEL_ROWS != 0 {
         bail!("W4 needs a multiple of {PANEL_ROWS} rows, the matrix has {}", m.rows);
@@ -327,7 +334,7 @@ fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>) -> Result<
             s.copy_from_slice(&q.scales);
         }),
         Some(h) => {
-            let plan = ptq::GptqPlan::new(h, cols, group, &GptqOptions { clip, ..GptqOptions::default() })
+            let plan = ptq::GptqPlan::new(h, cols, group, &GptqOptions { clip, act_order, ..GptqOptions::default() })
                 .map_err(|e| anyhow::anyhow!("GPTQ cannot factor the Hessian: {e}"))?;
             chunks
                 .try_for_each(|((w, c), s)| plan.quantize_rows(w, c, s))

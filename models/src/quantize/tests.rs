@@ -29,6 +29,7 @@ fn dense(rotated: bool) -> Layout {
         group: GroupSize::PerChannel,
         act_clip: 1.0,
         rotated,
+        act_order: false,
         embedding: TableFormat::F32,
         head: TableFormat::F32,
         dense_linears: TableFormat::F32,
