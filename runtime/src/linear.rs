@@ -97,7 +97,7 @@ impl<'a> Linear<'a> {
             found: t.shape().to_vec(),
         };
         let packed_dims = vec![(shape.padded_cols() / 2) as u64, shape.padded_rows() as u64];
-        if tensor.shape() != packed_dims.as_slice() || rows % PANEL_ROWS != 0 {
+        if tensor.shape() != packed_dims.as_slice() || !rows.is_multiple_of(PANEL_ROWS) {
             return Err(bad_shape(tensor, packed_dims));
         }
         let scales_name = alloc::format!("{name}{SCALES_SUFFIX}");
@@ -459,17 +459,16 @@ mod tests {
         Compute { kernels, w4, float: FloatKernels::detect(), team, tap: None }
     }
 
-    /// Runs `linear` on `x` with a two-member team and returns every member's complete
-    /// result (they must agree) with the activation batch it used.
+    /// Runs `linear` on `x` with the compute's team and returns the leader's complete
+    /// result with the activation batch it used.
     fn run(linear: &Linear<'_>, compute: &Compute<'_>, x: &[f32], tokens: usize) -> (Vec<f32>, ActivationBatch) {
-        let results = compute.team.run(|member| {
+        compute.team.run(|member| {
             let mut act = ActivationBatch::new(tokens, linear.cols);
             act.load(x, tokens, linear.cols);
             let mut out = vec![0f32; tokens * linear.rows];
             linear.matmul(compute, &mut act, &mut out, member, Gather::All);
             (out, act)
-        });
-        results
+        })
     }
 
     fn test_inputs(rows: usize, cols: usize, tokens: usize) -> (Vec<f32>, Vec<f32>) {

@@ -253,7 +253,7 @@ fn write_model(
     );
     let table = |w: &mut GgufWriter, name: &str, m: &Matrix, format: TableFormat| -> Result<()> {
         match format {
-            TableFormat::W4 => put_w4(w, name, &quantize_w4(m, layout.group, None, false)?),
+            TableFormat::W4 => put_w4(w, name, quantize_w4(m, layout.group, None, false)?),
             other => put_dense(w, name, m, other),
         }
         Ok(())
@@ -295,7 +295,7 @@ fn write_model(
                     let hessian = hessians.map(|h| h.get(l, site));
                     let q = quantize_w4(m, layout.group, hessian.as_deref(), layout.act_order)
                         .with_context(|| format!("quantizing {name}"))?;
-                    put_w4(&mut w, &name, &q);
+                    put_w4(&mut w, &name, q);
                 }
             }
             bar.inc(1);
@@ -315,7 +315,7 @@ struct W4Tensor {
 /// Round-to-nearest with MSE-optimal clipping, or GPTQ when a Hessian is given.
 fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>, act_order: bool) -> Result<W4Tensor> {
     let shape = W4Shape { rows: m.rows, cols: m.cols, group };
-    if m.rows % PANEL_ROWS != 0 {
+    if !m.rows.is_multiple_of(PANEL_ROWS) {
         bail!("W4 needs a multiple of {PANEL_ROWS} rows, the matrix has {}", m.rows);
     }
     let clip = ClipSearch::Mse { steps: 40 };
@@ -346,14 +346,14 @@ fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>, act_order:
     Ok(W4Tensor { shape, packed, scales })
 }
 
-fn put_w4(w: &mut GgufWriter, name: &str, t: &W4Tensor) {
+fn put_w4(w: &mut GgufWriter, name: &str, t: W4Tensor) {
     let s = &t.shape;
-    w.tensor(name, &[(s.padded_cols() / 2) as u64, s.padded_rows() as u64], TensorType::I8, t.packed.clone());
+    w.tensor(name, &[(s.padded_cols() / 2) as u64, s.padded_rows() as u64], TensorType::I8, t.packed);
     w.tensor(
         &format!("{name}{SCALES_SUFFIX}"),
         &[(PANEL_ROWS * s.groups()) as u64, s.panels() as u64],
         TensorType::F16,
-        t.scales.clone(),
+        t.scales,
     );
 }
 
