@@ -111,7 +111,8 @@ impl<'a> Linear<'a> {
         }
         let w4 = W4Matrix::new(shape, tensor.data, scales.data)
             .map_err(|e| ModelError::BadW4Tensor { tensor: name.to_string(), reason: e })?;
-        Ok(Linear { rows, cols, storage: WeightStorage::W4(scheme.activations), data: tensor.data, w4: Some(w4) })
+        let activations = scheme.activations_for(file, name)?;
+        Ok(Linear { rows, cols, storage: WeightStorage::W4(activations), data: tensor.data, w4: Some(w4) })
     }
 
     /// Wraps `tensor`, checking that it is a `rows × cols` matrix of a supported
@@ -672,6 +673,36 @@ mod tests {
             let bytes = writer.to_bytes();
             let file = GgufFile::parse(&bytes).unwrap();
             assert!(matches!(QuantScheme::from_gguf(&file), Err(ModelError::BadMetadata { .. })), "{key}");
+        }
+        // A per-tensor activation override: 8 bits is honoured, 5 bits is an error.
+        for (bits, expected) in [(8u32, true), (5, false)] {
+            let base = w4_file(&w, rows, cols, "w4a4", GroupSize::G32, |_, _| {});
+            let file = GgufFile::parse(&base).unwrap();
+            let mut writer = GgufWriter::new();
+            for (k, v) in file.metadata() {
+                let value = match (v.as_str(), v.as_u64(), v.as_f32()) {
+                    (Some(s), _, _) => MetadataValue::String(s.into()),
+                    (_, Some(n), _) => MetadataValue::U32(n as u32),
+                    (_, _, Some(f)) => MetadataValue::F32(f),
+                    _ => unreachable!(),
+                };
+                writer.metadata(k, value);
+            }
+            writer.metadata("petrel.quant.activation_bits.w", MetadataValue::U32(bits));
+            for t in file.tensors() {
+                writer.tensor(t.name, t.shape(), t.ty, t.data.to_vec());
+            }
+            let bytes = writer.to_bytes();
+            let file = GgufFile::parse(&bytes).unwrap();
+            let scheme = QuantScheme::from_gguf(&file).unwrap().unwrap();
+            let loaded = Linear::load(&file, "w", rows, cols, Some(&scheme));
+            match expected {
+                true => assert_eq!(
+                    loaded.unwrap().storage,
+                    WeightStorage::W4(Activations::Quantized { bits: ActBits::A8, clip: 1.0 })
+                ),
+                false => assert!(matches!(loaded, Err(ModelError::BadMetadata { .. }))),
+            }
         }
         // W4 tensors without any scheme metadata.
         let mut writer = GgufWriter::new();

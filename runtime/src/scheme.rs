@@ -7,6 +7,7 @@
 //! | `petrel.quant.group_size` | u32 | inputs per weight scale: 0 (per output channel), 32, 64, 128 |
 //! | `petrel.quant.activation_clip` | f32 | activation clip ratio in (0, 1] (`w4a4`, `w4a8`) |
 //! | `petrel.rotation` | string | `none`, or `quarot` (see [`Rotation`]) |
+//! | `petrel.quant.activation_bits.NAME` | u32 | optional, per W4 tensor `NAME`: 4, 8 or 16 overrides the scheme's activations (8 bits use clip ratio 1) |
 //!
 //! A W4 weight `X.weight` is an `I8` tensor of ggml dims `[padded_cols / 2, padded_rows]`
 //! holding the packed codes, with its scales in the F16 tensor `X.weight.scales` of dims
@@ -28,6 +29,8 @@ pub const KEY_GROUP_SIZE: &str = "petrel.quant.group_size";
 pub const KEY_ACTIVATION_CLIP: &str = "petrel.quant.activation_clip";
 /// Metadata key of the rotation.
 pub const KEY_ROTATION: &str = "petrel.rotation";
+/// Prefix of the per-tensor activation-bits overrides.
+pub const KEY_ACTIVATION_BITS_PREFIX: &str = "petrel.quant.activation_bits.";
 /// Suffix of the tensor holding a W4 weight's scales.
 pub const SCALES_SUFFIX: &str = ".scales";
 
@@ -120,5 +123,22 @@ impl QuantScheme {
             }
         };
         Ok(Some(QuantScheme { activations, group, rotation }))
+    }
+
+    /// The activations of W4 tensor `name`: the scheme's, unless the file overrides them
+    /// for that tensor (`petrel.quant.activation_bits.NAME`).
+    pub fn activations_for(&self, file: &GgufFile<'_>, name: &str) -> Result<Activations, ModelError> {
+        let key = alloc::format!("{KEY_ACTIVATION_BITS_PREFIX}{name}");
+        let Some(value) = file.get(&key) else { return Ok(self.activations) };
+        let clip = match self.activations {
+            Activations::Quantized { clip, .. } => clip,
+            Activations::Float => 1.0,
+        };
+        match value.as_u64() {
+            Some(4) => Ok(Activations::Quantized { bits: ActBits::A4, clip }),
+            Some(8) => Ok(Activations::Quantized { bits: ActBits::A8, clip: 1.0 }),
+            Some(16) => Ok(Activations::Float),
+            _ => Err(ModelError::BadMetadata { key, reason: "expected 4, 8 or 16 activation bits" }),
+        }
     }
 }

@@ -23,7 +23,9 @@ use petrel_runtime::forward::TapSite;
 use petrel_runtime::gguf::{GgufFile, TensorType, Value};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::mapped::MappedFile;
-use petrel_runtime::scheme::{KEY_ACTIVATION_CLIP, KEY_GROUP_SIZE, KEY_ROTATION, KEY_SCHEME, SCALES_SUFFIX};
+use petrel_runtime::scheme::{
+    KEY_ACTIVATION_BITS_PREFIX, KEY_ACTIVATION_CLIP, KEY_GROUP_SIZE, KEY_ROTATION, KEY_SCHEME, SCALES_SUFFIX,
+};
 use petrel_runtime::Model;
 use rayon::prelude::*;
 
@@ -68,6 +70,40 @@ pub enum TableFormat {
     F32,
 }
 
+/// The inputs of a block's linear layers (see [`TapSite`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Site {
+    /// Input of the query, key and value projections.
+    AttnIn,
+    /// Input of the attention output projection.
+    AttnOut,
+    /// Input of the gate and up projections.
+    MlpIn,
+    /// Input of the down projection.
+    DownIn,
+}
+
+impl Site {
+    fn tap(self) -> TapSite {
+        match self {
+            Site::AttnIn => TapSite::AttentionInput,
+            Site::AttnOut => TapSite::AttentionOutput,
+            Site::MlpIn => TapSite::MlpInput,
+            Site::DownIn => TapSite::DownInput,
+        }
+    }
+}
+
+/// The input site of the linear named `suffix` (`attn_q`, `ffn_down`, …).
+fn site_of(suffix: &str) -> TapSite {
+    match suffix {
+        "attn_q" | "attn_k" | "attn_v" => TapSite::AttentionInput,
+        "attn_output" => TapSite::AttentionOutput,
+        "ffn_gate" | "ffn_up" => TapSite::MlpInput,
+        _ => TapSite::DownInput,
+    }
+}
+
 /// `petrel quantize` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct QuantizeArgs {
@@ -107,6 +143,10 @@ pub struct QuantizeArgs {
     /// Activation clip ratio (per-token scale = ratio · max|x| / q_max) for w4a4 and w4a8.
     #[arg(long, default_value_t = 0.9)]
     pub act_clip: f32,
+    /// With w4a4: linear inputs kept at 8-bit activations (per-tensor override written
+    /// into the file), e.g. `--a8 attn-in,mlp-in` for the normalized residual stream.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub a8: Vec<Site>,
     /// Storage of the token embedding table.
     #[arg(long, value_enum, default_value = "q8_0")]
     pub embedding: TableFormat,
@@ -132,6 +172,9 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
     let group = GroupSize::from_len(args.group).context("--group must be 0 (per channel), 32, 64 or 128")?;
     if !(args.act_clip > 0.0 && args.act_clip <= 1.0) {
         bail!("--act-clip must be in (0, 1]");
+    }
+    if !args.a8.is_empty() && args.scheme != Scheme::W4a4 {
+        bail!("--a8 applies to --scheme w4a4 only");
     }
     if args.scheme == Scheme::F32 && (args.rotate || args.gptq) {
         bail!("--scheme f32 is the unquantized reference: --rotate and --gptq do not apply");
@@ -179,6 +222,7 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
         embedding: if args.scheme == Scheme::F32 { TableFormat::F32 } else { args.embedding },
         head: if args.scheme == Scheme::F32 { TableFormat::F32 } else { args.head },
         dense_linears: TableFormat::F32,
+        a8_sites: args.a8.iter().map(|s| s.tap()).collect(),
     };
     let writer = write_model(&gguf, &master, &layout, hessians.as_ref())?;
     let bytes = writer.to_bytes();
@@ -192,7 +236,7 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
 }
 
 /// How each tensor of the written model is stored.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Layout {
     scheme: Scheme,
     group: GroupSize,
@@ -203,6 +247,8 @@ struct Layout {
     head: TableFormat,
     /// Storage of the blocks' linears when the scheme is `F32` (unquantized).
     dense_linears: TableFormat,
+    /// Sites whose linears get 8-bit activations in a W4A4 file.
+    a8_sites: Vec<TapSite>,
 }
 
 impl Layout {
@@ -217,6 +263,7 @@ impl Layout {
             embedding: TableFormat::Q8_0,
             head: TableFormat::Q8_0,
             dense_linears: TableFormat::Q8_0,
+            a8_sites: Vec::new(),
         }
     }
 }
@@ -286,12 +333,10 @@ fn write_model(
             match layout.scheme {
                 Scheme::F32 => put_dense(&mut w, &name, m, layout.dense_linears),
                 _ => {
-                    let site = match suffix {
-                        "attn_q" | "attn_k" | "attn_v" => TapSite::AttentionInput,
-                        "attn_output" => TapSite::AttentionOutput,
-                        "ffn_gate" | "ffn_up" => TapSite::MlpInput,
-                        _ => TapSite::DownInput,
-                    };
+                    let site = site_of(suffix);
+                    if layout.a8_sites.contains(&site) {
+                        w.metadata(&format!("{KEY_ACTIVATION_BITS_PREFIX}{name}"), MetadataValue::U32(8));
+                    }
                     let hessian = hessians.map(|h| h.get(l, site));
                     let q = quantize_w4(m, layout.group, hessian.as_deref(), layout.act_order)
                         .with_context(|| format!("quantizing {name}"))?;

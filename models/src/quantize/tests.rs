@@ -33,6 +33,7 @@ fn dense(rotated: bool) -> Layout {
         embedding: TableFormat::F32,
         head: TableFormat::F32,
         dense_linears: TableFormat::F32,
+        a8_sites: Vec::new(),
     }
 }
 
