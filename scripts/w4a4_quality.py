@@ -39,7 +39,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored per row")
     ap.add_argument("--group", type=int, default=128, help="weight group size (0 = per channel)")
-    ap.add_argument("--clip", type=float, default=0.7, help="activation clip ratio for w4a4")
+    ap.add_argument("--clip", type=float, default=0.8, help="activation clip ratio for w4a4")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=HOME / "quality")
     ap.add_argument("--only", help="comma-separated row names to (re)run; others are read from --out")
@@ -64,6 +64,10 @@ def main():
         ("w4a4-rtn", "W4A4, round-to-nearest, no rotation", ["--scheme", "w4a4", "--group", g, "--act-clip", c]),
         ("w4a4-rot-rtn", "W4A4, rotated + RTN", ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate"]),
         ("w4a4-rot-gptq", "W4A4, rotated + GPTQ", ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate", *gptq]),
+        ("w4a4-rot-gptq-g32", "W4A4, rotated + GPTQ, weight and activation groups of 32",
+         ["--scheme", "w4a4", "--group", "32", "--act-clip", c, "--rotate", *gptq]),
+        ("w4a4-rot-gptq-a8norm", "W4A4, rotated + GPTQ, 8-bit activations at the normalized residual (q/k/v, gate/up inputs)",
+         ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate", *gptq, "--a8", "attn-in,mlp-in"]),
         ("w4a4-rot-gptq-w4head", "W4A4, rotated + GPTQ, W4 output head (A4 too)",
          ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate", *gptq, "--head", "w4"]),
         ("w4a4-rot-gptq-w4emb", "W4A4, rotated + GPTQ, W4 embedding table",

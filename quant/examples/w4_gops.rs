@@ -153,15 +153,16 @@ fn main() {
         for m in [1usize, 64, 256] {
             let x: Vec<f32> = (0..m * k).map(|_| (rng.next() % 2000) as f32 / 1000.0 - 1.0).collect();
             let groups = group.groups(k);
-            let (mut xc, mut xs, mut xsum) = (vec![0i8; m * pc], vec![0f32; m], vec![0i32; m * groups]);
+            let (mut xc, mut xs, mut xsum) = (vec![0i8; m * pc], vec![0f32; m * groups], vec![0i32; m * groups]);
             for t in 0..m {
-                xs[t] = quantize_token(
+                quantize_token(
                     &x[t * k..(t + 1) * k],
                     ActBits::A4,
                     1.0,
                     group,
                     &mut xc[t * pc..(t + 1) * pc],
                     &mut xsum[t * groups..(t + 1) * groups],
+                    &mut xs[t * groups..(t + 1) * groups],
                 );
             }
             let batch = TokenBatch { tokens: m, cols: k, group, codes: &xc, scales: &xs, sums: &xsum };

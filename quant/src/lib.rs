@@ -6,7 +6,7 @@
 //! - [`activation`]: the 8-bit activation blocks that the integer dot products consume
 //!   (dynamic, per block of 32, absmax scaling);
 //! - [`w4`]: symmetric int4 weights in 16-row panels with per-channel or per-group f16
-//!   scales, per-token int4/int8 activations, and the W4A4 / W4A8 / W4A16 matrix kernels;
+//!   scales, int4/int8 activations scaled per token and group, and the W4A4 / W4A8 / W4A16 matrix kernels;
 //! - [`dot`]: block dot products — a scalar reference and x86 SIMD versions (AVX2,
 //!   AVX-512 VNNI) that are bit-identical to it — and [`dot::Kernels`], the dispatch table.
 #![no_std]

@@ -3,8 +3,8 @@
 //! A [`Linear`] borrows a GGUF tensor of `rows × cols` (ggml dims `[cols, rows]`, each row
 //! contiguous, or a W4 panel layout). Block-quantized weights (Q4_0, Q4_1, Q8_0) are
 //! multiplied against 8-bit activation blocks by `petrel-quant`'s integer kernels; W4
-//! weights ([`petrel_quant::w4`]) against per-token int4/int8 activations (W4A4, W4A8) or
-//! f32 ones (W4A16); F32 and F16 weights against the f32 activations.
+//! weights ([`petrel_quant::w4`]) against int4/int8 activations scaled per token and weight
+//! group (W4A4, W4A8) or f32 ones (W4A16); F32 and F16 weights against f32 activations.
 //!
 //! In a team, a member computes whole 16-row panels when `rows` is a multiple of 16 (W4
 //! needs it; the other storages follow the same split so that callers need not care).
@@ -311,7 +311,7 @@ pub enum Gather {
 const PREFETCH_ROWS: usize = 8;
 
 /// A batch of activation rows in f32, and — computed on first use after each
-/// [`ActivationBatch::load`] — quantized to 8-bit blocks (for block weights) or per token
+/// [`ActivationBatch::load`] — quantized to 8-bit blocks (for block weights) or per token and group
 /// (for W4 weights). Allocated once for up to `max_tokens × max_cols`.
 #[derive(Debug)]
 pub struct ActivationBatch {
@@ -342,8 +342,8 @@ impl ActivationBatch {
             sums: vec![0; blocks],
             q8_ready: false,
             codes: vec![0; max_tokens * padded],
-            token_scales: vec![0.0; max_tokens],
-            // The finest grouping (32) needs the most sums.
+            // The finest grouping (32) needs the most scales and sums.
+            token_scales: vec![0.0; max_tokens * max_cols.div_ceil(32)],
             group_sums: vec![0; blocks],
             w4_ready: None,
             tokens: 0,
@@ -401,20 +401,21 @@ impl ActivationBatch {
         }
     }
 
-    /// The batch quantized per token to `bits` with clip ratio `clip`, with code sums per
+    /// The batch quantized per token and weight group to `bits` with clip ratio `clip`, with code sums per
     /// `group` (computed once per load and reused by every W4 matrix of that form).
     pub fn w4_batch(&mut self, bits: ActBits, clip: f32, group: GroupSize) -> TokenBatch<'_> {
         let (cols, padded, groups) = (self.cols, pad_cols(self.cols), group.groups(self.cols));
         let form = (bits, clip.to_bits(), group);
         if self.w4_ready != Some(form) {
             for t in 0..self.tokens {
-                self.token_scales[t] = quantize_token(
+                quantize_token(
                     &self.f32[t * padded..t * padded + cols],
                     bits,
                     clip,
                     group,
                     &mut self.codes[t * padded..(t + 1) * padded],
                     &mut self.group_sums[t * groups..(t + 1) * groups],
+                    &mut self.token_scales[t * groups..(t + 1) * groups],
                 );
             }
             self.w4_ready = Some(form);
@@ -424,7 +425,7 @@ impl ActivationBatch {
             cols,
             group,
             codes: &self.codes[..self.tokens * padded],
-            scales: &self.token_scales[..self.tokens],
+            scales: &self.token_scales[..self.tokens * groups],
             sums: &self.group_sums[..self.tokens * groups],
         }
     }
@@ -594,9 +595,13 @@ mod tests {
                 let xs: Vec<f32> = match scheme_meta.activations {
                     Activations::Quantized { bits, clip } => {
                         let b = act.w4_batch(bits, clip, group);
-                        let pc = pad_cols(cols);
+                        let (pc, groups, len) = (pad_cols(cols), group.groups(cols), group.elements(cols));
+                        // Each activation dequantized with its (token, group) scale.
                         (0..tokens * cols)
-                            .map(|i| b.scales[i / cols] * b.codes[i / cols * pc + i % cols] as f32)
+                            .map(|i| {
+                                let (t, c) = (i / cols, i % cols);
+                                b.scales[t * groups + c / len] * b.codes[t * pc + c] as f32
+                            })
                             .collect()
                     }
                     Activations::Float => x.clone(),

@@ -1,5 +1,6 @@
 //! W4: symmetric int4 weights in 16-row panels, the weight format of Petrel's W4A4, W4A8
-//! and W4A16 schemes, and ([`activation`]) the per-token int4/int8 activations they meet.
+//! and W4A16 schemes, and ([`activation`]) the int4/int8 activations they meet, quantized
+//! per token with a scale per weight group.
 //!
 //! # Codes and scales
 //! A weight is `w ≈ s · q` with a code `q ∈ [-8, 7]` (symmetric: no zero point) and a

@@ -6,7 +6,9 @@
 //! shifts) and meet the signed activation codes directly, so the integer sums are exact and
 //! need no correction (`TokenBatch::sums` is not read). The float work is vectorized across
 //! the 16 rows of a panel, four rows per `float32x4_t`, and uses separate `fmul` and `fadd`
-//! (never `fmla`), so each row sees the reference's operations in the reference's order.
+//! (never `fmla`), so each row sees the reference's operations in the reference's order: in
+//! the integer kernels, per group, the 16 weight scales times the token's broadcast scale of
+//! the group, that times `(f32) isum`, then the add.
 //!
 //! `sdot` and `smmla` are written as inline assembly: their intrinsics (`vdotq_s32`,
 //! `vmmlaq_s32`) are not stable on the compilers Petrel supports.
@@ -131,36 +133,27 @@ unsafe fn load_scales(ptr: *const u8) -> [float32x4_t; 4] {
     ]
 }
 
-/// `acc[k] = acc[k] + s[k] · isum[k]` for the four row quads: the reference's group step,
-/// product rounded, then the sum.
+/// `acc[k] = acc[k] + (s[k] · xs) · isum[k]` for the four row quads: the reference's group
+/// step with the weight scales `s` and the token's scale `xs` of the group, each operation
+/// rounded (no `fmla`).
 #[inline]
 #[target_feature(enable = "neon")]
-fn add_group(acc: &mut [float32x4_t; 4], s: &[float32x4_t; 4], isum: &[int32x4_t; 4]) {
+fn add_group(acc: &mut [float32x4_t; 4], s: &[float32x4_t; 4], xs: f32, isum: &[int32x4_t; 4]) {
+    let xs = vdupq_n_f32(xs);
     for ((a, &s), &i) in acc.iter_mut().zip(s).zip(isum) {
-        *a = vaddq_f32(*a, vmulq_f32(s, vcvtq_f32_s32(i)));
+        *a = vaddq_f32(*a, vmulq_f32(vmulq_f32(s, xs), vcvtq_f32_s32(i)));
     }
 }
 
-/// Writes the 16 results of panel `p` for one token (`scale` multiplies them first, when
-/// given) to `out[base + 16p ..]`, clipped to `rows`.
+/// Writes the 16 results of panel `p` for one token to `out[base + 16p ..]`, clipped to
+/// `rows`.
 #[inline]
 #[target_feature(enable = "neon")]
-fn store_panel(
-    acc: &[float32x4_t; 4],
-    scale: Option<f32>,
-    p: usize,
-    rows: &Range<usize>,
-    out: &mut [f32],
-    base: usize,
-) {
+fn store_panel(acc: &[float32x4_t; 4], p: usize, rows: &Range<usize>, out: &mut [f32], base: usize) {
     let mut vals = [0f32; PANEL_ROWS];
     for (k, &a) in acc.iter().enumerate() {
-        let v = match scale {
-            Some(s) => vmulq_f32(a, vdupq_n_f32(s)),
-            None => a,
-        };
         // SAFETY: `vals` has 16 writable floats and `4k + 4 ≤ 16`.
-        unsafe { vst1q_f32(vals.as_mut_ptr().add(4 * k), v) };
+        unsafe { vst1q_f32(vals.as_mut_ptr().add(4 * k), a) };
     }
     let first = p * PANEL_ROWS;
     let n = rows.end.saturating_sub(first).min(PANEL_ROWS);
@@ -248,12 +241,12 @@ unsafe fn int_dot_tile<const T: usize>(
         }
         // SAFETY: the 16 scales of panel p, group g lie inside the checked scale bytes.
         let s = unsafe { load_scales(w.scale_bytes().as_ptr().add(shape.scale_index(p * PANEL_ROWS, g) * 2)) };
-        for (a, sum) in acc.iter_mut().zip(&isum) {
-            add_group(a, &s, sum);
+        for (j, (a, sum)) in acc.iter_mut().zip(&isum).enumerate() {
+            add_group(a, &s, x.scales[(t0 + j) * groups + g], sum);
         }
     }
     for (j, a) in acc.iter().enumerate() {
-        store_panel(a, Some(x.scales[t0 + j]), p, rows, out, (t0 + j) * out_stride);
+        store_panel(a, p, rows, out, (t0 + j) * out_stride);
     }
 }
 
@@ -345,22 +338,26 @@ unsafe fn int_i8mm_tile<const P: usize>(
         }
         // SAFETY: the 16 scales of panel p, group g lie inside the checked scale bytes.
         let s = unsafe { load_scales(w.scale_bytes().as_ptr().add(shape.scale_index(p * PANEL_ROWS, g) * 2)) };
-        for (aq, mq) in acc.iter_mut().zip(&m) {
+        for (q, (aq, mq)) in acc.iter_mut().zip(&m).enumerate() {
             let per_token = |h: usize| -> [int32x4_t; 4] {
                 core::array::from_fn(|k| {
                     let (a, b) = (vreinterpretq_s64_s32(mq[2 * k]), vreinterpretq_s64_s32(mq[2 * k + 1]));
                     vreinterpretq_s32_s64(if h == 0 { vzip1q_s64(a, b) } else { vzip2q_s64(a, b) })
                 })
             };
-            add_group(&mut aq[0], &s, &per_token(0));
-            add_group(&mut aq[1], &s, &per_token(1));
+            // A missing second token of the last pair (zero codes) borrows the first one's
+            // scale; its results are dropped.
+            let t = t0 + 2 * q;
+            let second = if t + 1 < t0 + n { t + 1 } else { t };
+            add_group(&mut aq[0], &s, x.scales[t * groups + g], &per_token(0));
+            add_group(&mut aq[1], &s, x.scales[second * groups + g], &per_token(1));
         }
     }
     for (q, aq) in acc.iter().enumerate() {
         for (h, a) in aq.iter().enumerate() {
             let t = t0 + 2 * q + h;
             if t < t0 + n {
-                store_panel(a, Some(x.scales[t]), p, rows, out, t * out_stride);
+                store_panel(a, p, rows, out, t * out_stride);
             }
         }
     }
@@ -478,7 +475,7 @@ unsafe fn float_tile<const T: usize>(
         }
     }
     for (j, a) in acc.iter().enumerate() {
-        store_panel(a, None, p, rows, out, (t0 + j) * out_stride);
+        store_panel(a, p, rows, out, (t0 + j) * out_stride);
     }
 }
 
@@ -538,7 +535,8 @@ mod tests {
             })
             .collect();
         let sums: std::vec::Vec<i32> = codes.chunks(128).map(|g| g.iter().map(|&q| q as i32).sum()).collect();
-        let scales = [0.013f32, 1.7, 0.00021];
+        let scales: std::vec::Vec<f32> =
+            (0..sums.len()).map(|i| [0.013f32, 1.7, 0.00021][i % 3] * (1 + i % 5) as f32).collect();
         let batch = TokenBatch { tokens, cols, group, codes: &codes, scales: &scales, sums: &sums };
         let mut reference = std::vec![0f32; tokens * rows];
         W4Kernels::scalar().gemm_int(&w, 0..w.shape().panels(), &batch, &mut reference, rows);

@@ -23,9 +23,10 @@
 //! `sum_even`. Both are exact for up to [`FLUSH_PAIRS`] column pairs (`240 · 256 < 2^16`),
 //! after which (and at the end of each scale group) they are widened into i32 sums, which
 //! are exact: minus the bias, `isum = Σ q_w · q_x` of the reference. The float combine is then
-//! the reference's (per group `acc = acc + s · (f32) isum`, multiply then add, and `acc · s_x`
-//! at the end), lane per row, so the results are bit-identical to
-//! [`super::scalar::gemm_int`] for int4 activations.
+//! the reference's (per group `acc = acc + (s_w · s_x[g]) · (f32) isum`: the weight scales
+//! times the token's broadcast group scale, that times the sum, then the add; `acc` is the
+//! result), lane per row, so the results are bit-identical to [`super::scalar::gemm_int`] for
+//! int4 activations.
 //!
 //! # Cost
 //! Per column pair, token and register of rows this is two shuffles, a byte add, a shift and
@@ -53,9 +54,11 @@ pub const LUT_ROWS: usize = 64;
 pub const FLUSH_PAIRS: usize = 256;
 
 /// Bias added to every table entry, so that products are unsigned bytes.
+#[cfg(target_arch = "x86_64")]
 const BIAS: i32 = 56;
 
 /// `TABLES[a + 8][u] = a · (u - 8) + BIAS` for every activation code `a` and weight nibble `u`.
+#[cfg(target_arch = "x86_64")]
 static TABLES: [[u8; 16]; 16] = {
     let mut t = [[0u8; 16]; 16];
     let mut a = 0;
@@ -75,8 +78,6 @@ static TABLES: [[u8; 16]; 16] = {
 pub struct LutMatrix {
     shape: W4Shape,
     blocks: usize,
-    /// Column pairs: `padded_cols / 2`.
-    pairs: usize,
     codes: Vec<u8>,
     scales: Vec<f32>,
 }
@@ -108,7 +109,7 @@ impl LutMatrix {
                 *s = w.scale(r, g);
             }
         }
-        LutMatrix { shape, blocks, pairs, codes, scales }
+        LutMatrix { shape, blocks, codes, scales }
     }
 
     /// The shape of the source matrix.
@@ -193,12 +194,17 @@ impl LutKernel {
         check(m, &blocks, x, out, out_stride)?;
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => x86::gemm_avx2(m, blocks, x, out, out_stride),
+            Isa::Avx2 => {
+                x86::gemm_avx2(m, blocks, x, out, out_stride);
+                Ok(())
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => x86::gemm_avx512(m, blocks, x, out, out_stride),
-            _ => return Err(LutError::Unsupported),
+            Isa::Avx512Vnni => {
+                x86::gemm_avx512(m, blocks, x, out, out_stride);
+                Ok(())
+            }
+            _ => Err(LutError::Unsupported),
         }
-        Ok(())
     }
 }
 
@@ -238,7 +244,8 @@ mod x86 {
     //! Safety: everything here reads through raw pointers without bounds checks. It is only
     //! reached through [`super::LutKernel::gemm_int`], which is only built after the CPU
     //! features were detected and which ran [`super::check`] first: that proves the shapes
-    //! (`tokens × padded_cols` codes, all in `[-8, 7]`, so every table index is in `0..16`),
+    //! (`tokens × padded_cols` codes, all in `[-8, 7]`, so every table index is in `0..16`,
+    //! and `tokens × groups` scales),
     //! the block range, and that `out` holds every `t · stride + r` for the rows written;
     //! [`super::LutMatrix::new`] sized the codes and scales to `blocks`.
 
@@ -271,13 +278,13 @@ mod x86 {
             Call {
                 codes: m.codes.as_ptr(),
                 scales: m.scales.as_ptr(),
-                pairs: m.pairs,
+                pairs: m.shape.padded_cols() / 2,
                 groups: m.shape.groups(),
                 group_pairs: m.shape.group_len() / 2,
                 rows: m.shape.rows,
                 x: x.codes.as_ptr(),
                 x_scales: x.scales.as_ptr(),
-                pc: 2 * m.pairs,
+                pc: m.shape.padded_cols(),
                 tokens: x.tokens,
                 out: out.as_mut_ptr(),
                 stride,
@@ -310,11 +317,11 @@ mod x86 {
             unsafe { self.scales.add((p * self.groups + g) * PANEL_ROWS) }
         }
 
-        /// Safety: `t < tokens`.
+        /// The scale of token `t`, group `g`. Safety: `t < tokens`, `g < groups`.
         #[inline(always)]
-        unsafe fn x_scale(&self, t: usize) -> f32 {
-            // SAFETY: as the caller promises.
-            unsafe { self.x_scales.add(t).read() }
+        unsafe fn x_scale(&self, t: usize, g: usize) -> f32 {
+            // SAFETY: as the caller promises, inside the `tokens × groups` scales.
+            unsafe { self.x_scales.add(t * self.groups + g).read() }
         }
 
         /// Rows of panel `p` that exist (0 for panels past the matrix).
@@ -456,20 +463,21 @@ mod x86 {
                 }
             }
             let bias = _mm512_set1_epi32(2 * BIAS * (end - start) as i32);
+            // SAFETY: tokens `t0 + t` exist and `g` is a group.
+            let xs: [__m512; T] = core::array::from_fn(|t| _mm512_set1_ps(unsafe { c.x_scale(t0 + t, g) }));
             for p in 0..P {
                 for f in 0..4 {
                     // SAFETY: panel `4(b0 + p) + f` of the repacked matrix and group `g` exist.
                     let s = unsafe { _mm512_loadu_ps(c.scales(4 * (b0 + p) + f, g)) };
                     for t in 0..T {
                         let isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum[t][p][f], bias));
-                        acc[t][p][f] = _mm512_add_ps(acc[t][p][f], _mm512_mul_ps(s, isum));
+                        let st = _mm512_mul_ps(s, xs[t]);
+                        acc[t][p][f] = _mm512_add_ps(acc[t][p][f], _mm512_mul_ps(st, isum));
                     }
                 }
             }
         }
         for (t, acc) in acc.iter().enumerate() {
-            // SAFETY: token `t0 + t` exists.
-            let xs = _mm512_set1_ps(unsafe { c.x_scale(t0 + t) });
             for (p, acc) in acc.iter().enumerate() {
                 for (f, &a) in acc.iter().enumerate() {
                     let panel = 4 * (b0 + p) + f;
@@ -477,7 +485,7 @@ mod x86 {
                     if valid > 0 {
                         let mask: __mmask16 = if valid == PANEL_ROWS { 0xFFFF } else { (1u16 << valid) - 1 };
                         // SAFETY: the unmasked lanes are rows this call writes.
-                        unsafe { _mm512_mask_storeu_ps(c.out(t0 + t, panel), mask, _mm512_mul_ps(a, xs)) };
+                        unsafe { _mm512_mask_storeu_ps(c.out(t0 + t, panel), mask, a) };
                     }
                 }
             }
@@ -560,6 +568,8 @@ mod x86 {
                 }
             }
             let bias = _mm256_set1_epi32(2 * BIAS * (end - start) as i32);
+            // SAFETY: tokens `t0 + t` exist and `g` is a group.
+            let xs: [__m256; T] = core::array::from_fn(|t| _mm256_set1_ps(unsafe { c.x_scale(t0 + t, g) }));
             for p in 0..P {
                 for f in 0..4 {
                     for h in 0..2 {
@@ -568,24 +578,22 @@ mod x86 {
                         let s = unsafe { _mm256_loadu_ps(c.scales(4 * (b0 + p) + f, g).add(8 * h)) };
                         for t in 0..T {
                             let isum = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[t][p][f][h], bias));
-                            acc[t][p][f][h] = _mm256_add_ps(acc[t][p][f][h], _mm256_mul_ps(s, isum));
+                            let st = _mm256_mul_ps(s, xs[t]);
+                            acc[t][p][f][h] = _mm256_add_ps(acc[t][p][f][h], _mm256_mul_ps(st, isum));
                         }
                     }
                 }
             }
         }
         for (t, acc) in acc.iter().enumerate() {
-            // SAFETY: token `t0 + t` exists.
-            let xs = _mm256_set1_ps(unsafe { c.x_scale(t0 + t) });
             for (p, acc) in acc.iter().enumerate() {
                 for (f, halves) in acc.iter().enumerate() {
                     let panel = 4 * (b0 + p) + f;
                     let valid = c.valid_rows(panel);
-                    for (h, &a) in halves.iter().enumerate() {
+                    for (h, &v) in halves.iter().enumerate() {
                         if valid <= 8 * h {
                             continue;
                         }
-                        let v = _mm256_mul_ps(a, xs);
                         // SAFETY: `valid > 0`, so the panel's rows are written by this call.
                         let dst = unsafe { c.out(t0 + t, panel).add(8 * h) };
                         if valid >= 8 * (h + 1) {

@@ -6,9 +6,9 @@
 //! same float operations in the same order, so SIMD versions are **bit-identical** to
 //! [`scalar`]:
 //! - integer (`W4IntFn`): per group `g`, the exact integer `isum_g = Σ_{c∈g} q_w[r][c] ·
-//!   q_x[t][c]`; then `acc = 0` and, group after group, `acc = acc + s_w[r][g] · isum_g`
-//!   (product rounded to f32, then the sum: no fused multiply–add); the result is
-//!   `acc · s_x[t]`.
+//!   q_x[t][c]`; then `acc = 0` and, group after group, `acc = acc + (s_w[r][g] · s_x[t][g])
+//!   · isum_g`: the product of the two scales rounded to f32 first, then its product with
+//!   `isum_g` (as f32) rounded, then the sum (no fused multiply–add); the result is `acc`.
 //! - float (`W4FloatFn`): per group, `f = 0` and, column after column in increasing order,
 //!   `f = f + q_w[r][c] · x[t][c]` (no FMA); then `acc = acc + s_w[r][g] · f` as above; the
 //!   result is `acc`.

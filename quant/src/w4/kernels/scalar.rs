@@ -40,14 +40,15 @@ pub fn gemm_int(w: &W4Matrix<'_>, panels: Range<usize>, x: &TokenBatch<'_>, out:
                         }
                     }
                 }
+                let xs = x.scales[t * groups + g];
                 for i in 0..PANEL_ROWS {
-                    acc[i] += w.scale(p * PANEL_ROWS + i, g) * isum[i] as f32;
+                    acc[i] += (w.scale(p * PANEL_ROWS + i, g) * xs) * isum[i] as f32;
                 }
             }
-            for (i, a) in acc.iter().enumerate() {
+            for (i, &a) in acc.iter().enumerate() {
                 let r = p * PANEL_ROWS + i;
                 if rows.contains(&r) {
-                    out[t * out_stride + r] = a * x.scales[t];
+                    out[t * out_stride + r] = a;
                 }
             }
         }

@@ -45,6 +45,7 @@ impl Fixture {
 
 /// Owned quantized tokens.
 pub(crate) struct Tokens {
+    pub tokens: usize,
     pub f32: Vec<f32>,
     pub codes: Vec<i8>,
     pub scales: Vec<f32>,
@@ -61,31 +62,25 @@ impl Tokens {
                 f32[t * pc + c] = if c % 17 == 3 { v * 20.0 } else { v };
             }
         }
-        let (mut codes, mut scales, mut sums) =
-            (std::vec![0i8; tokens * pc], std::vec![0f32; tokens], std::vec![0i32; tokens * group.groups(cols)]);
         let groups = group.groups(cols);
+        let (mut codes, mut scales, mut sums) =
+            (std::vec![0i8; tokens * pc], std::vec![0f32; tokens * groups], std::vec![0i32; tokens * groups]);
         for t in 0..tokens {
-            scales[t] = quantize_token(
+            quantize_token(
                 &f32[t * pc..t * pc + cols],
                 bits,
                 0.9,
                 group,
                 &mut codes[t * pc..(t + 1) * pc],
                 &mut sums[t * groups..(t + 1) * groups],
+                &mut scales[t * groups..(t + 1) * groups],
             );
         }
-        Tokens { f32, codes, scales, sums }
+        Tokens { tokens, f32, codes, scales, sums }
     }
 
     pub fn batch(&self, cols: usize, group: GroupSize) -> TokenBatch<'_> {
-        TokenBatch {
-            tokens: self.scales.len(),
-            cols,
-            group,
-            codes: &self.codes,
-            scales: &self.scales,
-            sums: &self.sums,
-        }
+        TokenBatch { tokens: self.tokens, cols, group, codes: &self.codes, scales: &self.scales, sums: &self.sums }
     }
 }
 
@@ -133,7 +128,7 @@ fn check_every_isa(rows: usize, cols: usize, tokens: usize, group: GroupSize, bi
 #[test]
 fn reference_matches_dequantized_products() {
     let (rows, cols, tokens) = (19, 77, 3);
-    for group in [GroupSize::PerChannel, GroupSize::G32] {
+    for group in [GroupSize::PerChannel, GroupSize::G32, GroupSize::G64] {
         let fixture = Fixture::new(rows, cols, group, 5);
         let w = fixture.matrix();
         let x = Tokens::new(tokens, cols, group, ActBits::A4, 9);
@@ -141,12 +136,13 @@ fn reference_matches_dequantized_products() {
         W4Kernels::scalar().gemm_int(&w, 0..w.shape().panels(), &x.batch(cols, group), &mut int_out, rows);
         W4Kernels::scalar().gemm_float(&w, 0..w.shape().panels(), &x.f32, tokens, &mut float_out, rows);
         let mut row = std::vec![0f32; cols];
-        let pc = pad_cols(cols);
+        let (pc, groups, len) = (pad_cols(cols), group.groups(cols), group.elements(cols));
         for r in 0..rows {
             w.dequantize_row(r, &mut row);
             for t in 0..tokens {
                 let dot = |xs: &dyn Fn(usize) -> f64| (0..cols).map(|c| row[c] as f64 * xs(c)).sum::<f64>();
-                let exact_int = dot(&|c| x.codes[t * pc + c] as f64 * x.scales[t] as f64);
+                // Activations dequantized with their group's scale.
+                let exact_int = dot(&|c| x.codes[t * pc + c] as f64 * x.scales[t * groups + c / len] as f64);
                 let exact_float = dot(&|c| x.f32[t * pc + c] as f64);
                 assert!((int_out[t * rows + r] as f64 - exact_int).abs() <= 1e-4 * (1.0 + exact_int.abs()));
                 assert!((float_out[t * rows + r] as f64 - exact_float).abs() <= 1e-4 * (1.0 + exact_float.abs()));
@@ -279,7 +275,7 @@ fn lut_is_exact_at_the_accumulator_bounds() {
                 -8 * ((g + 1) * len).min(cols).saturating_sub(g * len) as i32
             })
             .collect();
-        let xs = std::vec![0.25f32; tokens];
+        let xs = std::vec![0.25f32; tokens * shape.groups()];
         let batch = TokenBatch { tokens, cols, group, codes: &xc, scales: &xs, sums: &sums };
         let mut reference = std::vec![0f32; tokens * rows];
         W4Kernels::scalar().gemm_int(&w, 0..shape.panels(), &batch, &mut reference, rows);

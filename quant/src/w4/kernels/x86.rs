@@ -11,8 +11,9 @@
 //! 16 (exactly: it is a multiple of 16) when a group ends, which saves an instruction per
 //! block and panel. Starting the accumulator of a group at `-8 · Σ x` (the sums of
 //! [`TokenBatch`]) turns `Σ u · x` into the exact `isum = Σ q · x` of the reference. The
-//! float combine is then the reference's, lane per row: `acc = acc + s · (f32) isum` per group
-//! (multiply, then add) and `acc · s_x` at the end.
+//! float combine is then the reference's, lane per row: per group, the 16 weight scales times
+//! the token's broadcast scale of that group, that times `(f32) isum`, then the add to `acc`
+//! (three rounded operations, no FMA); `acc` is the result.
 //!
 //! Integer sums are exact whatever the order, so only the float steps above have to follow
 //! the reference, and they do: each lane is one row, and rows never mix.
@@ -34,8 +35,8 @@
 //! because they are only reachable through [`super::W4Kernels`], which (1) is only built
 //! with them by `for_isa` after the CPU features were detected, and (2) calls `check_int` /
 //! `check_float` before the function pointer: those prove that the panel range lies in the
-//! matrix, that the activations have `tokens × padded_cols` codes (or floats), `tokens`
-//! scales and `tokens × groups` sums, and that `out` holds every `t · out_stride + r` for
+//! matrix, that the activations have `tokens × padded_cols` codes (or floats) and
+//! `tokens × groups` scales and sums, and that `out` holds every `t · out_stride + r` for
 //! the rows written; [`W4Matrix::new`] proved the packed codes and scales match the shape.
 
 use core::arch::x86_64::*;
@@ -181,11 +182,11 @@ impl IntActs {
         unsafe { self.sums.add(t * groups + g).read() }.wrapping_mul(-8)
     }
 
-    /// Safety: `t < tokens`.
+    /// The scale of token `t`, group `g`. Safety: `t < tokens`, `g < groups`.
     #[inline(always)]
-    unsafe fn scale(&self, t: usize) -> f32 {
-        // SAFETY: the caller keeps `t` inside the scales.
-        unsafe { self.scales.add(t).read() }
+    unsafe fn scale(&self, t: usize, g: usize, groups: usize) -> f32 {
+        // SAFETY: the caller keeps the index inside `tokens × groups` scales.
+        unsafe { self.scales.add(t * groups + g).read() }
     }
 }
 
@@ -432,20 +433,24 @@ unsafe fn int_tile_vnni<const T: usize, const P: usize, const STREAM: bool, cons
                 }
             }
         }
-        for p in 0..P {
-            // SAFETY: panel `p0 + p` and group `g` exist: 32 bytes of scales.
-            let s = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(w.scales(p0 + p, g) as *const __m256i) });
-            for t in 0..T {
-                acc[t][p] = _mm512_add_ps(acc[t][p], _mm512_mul_ps(s, _mm512_cvtepi32_ps(lo[t][p])));
+        // SAFETY: panels `p0 + p` and group `g` exist: 32 bytes of scales each.
+        let s: [__m512; P] = core::array::from_fn(|p| {
+            _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(w.scales(p0 + p, g) as *const __m256i) })
+        });
+        for t in 0..T {
+            // One token scale at a time: a 6 × 2 tile has no registers to spare.
+            // SAFETY: token `t0 + t` exists and `g` is a group.
+            let xs = _mm512_set1_ps(unsafe { x.scale(t0 + t, g, w.groups) });
+            for p in 0..P {
+                let st = _mm512_mul_ps(s[p], xs);
+                acc[t][p] = _mm512_add_ps(acc[t][p], _mm512_mul_ps(st, _mm512_cvtepi32_ps(lo[t][p])));
             }
         }
     }
     for (t, acc) in acc.iter().enumerate() {
-        // SAFETY: token `t0 + t` exists.
-        let xs = _mm512_set1_ps(unsafe { x.scale(t0 + t) });
         for (p, &a) in acc.iter().enumerate() {
             // SAFETY: rows of panel `p0 + p` for token `t0 + t` are written by this call.
-            unsafe { store_panel_512(w, p0 + p, out.panel(t0 + t, p0 + p), _mm512_mul_ps(a, xs)) };
+            unsafe { store_panel_512(w, p0 + p, out.panel(t0 + t, p0 + p), a) };
         }
     }
 }
@@ -647,23 +652,28 @@ unsafe fn int_tile_avx2<const T: usize, const P: usize, const STREAM: bool>(
                 }
             }
         }
-        for p in 0..P {
-            for h in 0..2 {
-                // SAFETY: panel `p0 + p` and group `g` exist: 32 bytes of scales.
-                let s = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(w.scales(p0 + p, g).add(16 * h) as *const __m128i) });
-                for t in 0..T {
-                    acc[t][p][h] = _mm256_add_ps(acc[t][p][h], _mm256_mul_ps(s, _mm256_cvtepi32_ps(isum[t][p][h])));
+        // SAFETY: panels `p0 + p` and group `g` exist: 32 bytes of scales each.
+        let s: [[__m256; 2]; P] = core::array::from_fn(|p| {
+            core::array::from_fn(|h| {
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(w.scales(p0 + p, g).add(16 * h) as *const __m128i) })
+            })
+        });
+        for t in 0..T {
+            // SAFETY: token `t0 + t` exists and `g` is a group.
+            let xs = _mm256_set1_ps(unsafe { x.scale(t0 + t, g, w.groups) });
+            for p in 0..P {
+                for h in 0..2 {
+                    let st = _mm256_mul_ps(s[p][h], xs);
+                    acc[t][p][h] = _mm256_add_ps(acc[t][p][h], _mm256_mul_ps(st, _mm256_cvtepi32_ps(isum[t][p][h])));
                 }
             }
         }
     }
     for (t, acc) in acc.iter().enumerate() {
-        // SAFETY: token `t0 + t` exists.
-        let xs = _mm256_set1_ps(unsafe { x.scale(t0 + t) });
         for (p, halves) in acc.iter().enumerate() {
             for (h, &a) in halves.iter().enumerate() {
                 // SAFETY: rows of panel `p0 + p` for token `t0 + t` are written by this call.
-                unsafe { store_half_256(w, p0 + p, h, out.panel(t0 + t, p0 + p), _mm256_mul_ps(a, xs)) };
+                unsafe { store_half_256(w, p0 + p, h, out.panel(t0 + t, p0 + p), a) };
             }
         }
     }
