@@ -3,6 +3,15 @@
 //! Unlike the integer kernels these are not bit-identical across instruction sets (the
 //! SIMD versions sum in a different order and use a polynomial `exp`); they agree with the
 //! scalar versions to a few ulps, which the tests check.
+//!
+//! The exception is the tile kernels of batched attention ([`FloatKernels::tile_scores`],
+//! [`FloatKernels::tile_exp`], [`FloatKernels::tile_pv`]): they fix the order of every
+//! operation (separate multiply and add, no FMA; sums in the trees documented on each), so
+//! the scalar and SIMD versions agree bit for bit and a query's result depends on nothing
+//! but its own data.
+
+/// Keys per tile of the attention tile kernels.
+pub const KEY_TILE: usize = 16;
 
 /// `exp` kernels and friends for one instruction set; build with [`FloatKernels::detect`].
 #[derive(Clone, Copy, Debug)]
@@ -11,19 +20,38 @@ pub struct FloatKernels {
     axpy: fn(&mut [f32], f32, &[f32]),
     exp_sub: fn(&mut [f32], f32) -> f32,
     silu_mul: fn(&mut [f32], &[f32]),
+    tile_scores: fn(&[f32], &[f32], usize, usize, &mut [f32; KEY_TILE]),
+    tile_exp: fn(&mut [f32; KEY_TILE], usize, f32) -> f32,
+    tile_pv: fn(&mut [f32], &[f32; KEY_TILE], usize, &[f32], usize),
 }
 
 impl FloatKernels {
     /// Portable versions (eight independent accumulators, so the compiler can vectorize).
     pub const fn scalar() -> Self {
-        FloatKernels { dot: scalar::dot, axpy: scalar::axpy, exp_sub: scalar::exp_sub, silu_mul: scalar::silu_mul }
+        FloatKernels {
+            dot: scalar::dot,
+            axpy: scalar::axpy,
+            exp_sub: scalar::exp_sub,
+            silu_mul: scalar::silu_mul,
+            tile_scores: scalar::tile_scores,
+            tile_exp: scalar::tile_exp,
+            tile_pv: scalar::tile_pv,
+        }
     }
 
     /// The fastest versions this CPU runs.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         if crate::dot::Kernels::for_isa(crate::dot::Isa::Avx2).is_some() {
-            return FloatKernels { dot: x86::dot, axpy: x86::axpy, exp_sub: x86::exp_sub, silu_mul: x86::silu_mul };
+            return FloatKernels {
+                dot: x86::dot,
+                axpy: x86::axpy,
+                exp_sub: x86::exp_sub,
+                silu_mul: x86::silu_mul,
+                tile_scores: x86::tile_scores,
+                tile_exp: x86::tile_exp,
+                tile_pv: x86::tile_pv,
+            };
         }
         Self::scalar()
     }
@@ -53,9 +81,108 @@ impl FloatKernels {
     pub fn exp_sub(&self, x: &mut [f32], shift: f32) -> f32 {
         (self.exp_sub)(x, shift)
     }
+
+    /// Scores of one query against the first `n` of a tile of [`KEY_TILE`] keys, key `j`
+    /// being `keys[j * stride..][..q.len()]`; `out[j] = 0` for `j ≥ n`. Each score is
+    /// `((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))`, where `a_l` sums `q[d] · k[d]`
+    /// over `d ≡ l (mod 8)` in increasing `d`, from zero, each product and sum rounded
+    /// separately (the SIMD version reduces eight keys at once, with no per-key horizontal
+    /// sum). Bit-identical across instruction sets.
+    #[inline]
+    pub fn tile_scores(&self, q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let n = n.min(KEY_TILE);
+        if n > 0 {
+            assert!(keys.len() >= (n - 1) * stride + q.len());
+        }
+        (self.tile_scores)(q, keys, stride, n, out)
+    }
+
+    /// `x_j = exp(x_j - shift)` for `j < n` (with [`exp_poly`]) and `x_j = 0` above; returns
+    /// the sum of the tile in the fixed tree `t_i = x_i + x_{i+8}`, `u_i = t_i + t_{i+4}`,
+    /// `(u_0 + u_2) + (u_1 + u_3)`. Inputs must be `≤ shift`. Bit-identical across
+    /// instruction sets.
+    #[inline]
+    pub fn tile_exp(&self, x: &mut [f32; KEY_TILE], n: usize, shift: f32) -> f32 {
+        (self.tile_exp)(x, n.min(KEY_TILE), shift)
+    }
+
+    /// `out_i = out_i + p_j · v_j[i]` for `j = 0, 1, …, n - 1` in order (separate multiply
+    /// and add), where row `v_j` is `values[j * stride..][..out.len()]`. Bit-identical
+    /// across instruction sets.
+    #[inline]
+    pub fn tile_pv(&self, out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+        let n = n.min(KEY_TILE);
+        if n > 0 {
+            assert!(values.len() >= (n - 1) * stride + out.len());
+        }
+        (self.tile_pv)(out, p, n, values, stride)
+    }
 }
 
+/// `e^x` for `x ≤ 0` (clamped below at -87), computed exactly as the SIMD lanes of
+/// [`FloatKernels::tile_exp`] do: Cody–Waite reduction and a degree-6 polynomial, every
+/// operation rounded separately. Relative error about 3e-7.
+#[inline]
+pub fn exp_poly(x: f32) -> f32 {
+    let x = if x > -87.0 { x } else { -87.0 };
+    let k = libm::rintf(x * core::f32::consts::LOG2_E);
+    let r = x - k * LN2_HI;
+    let r = r - k * LN2_LO;
+    let mut p = 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// `ln 2` split so that `k · LN2_HI` is exact for the `|k| ≤ 126` of [`exp_poly`].
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
 mod scalar {
+    use super::{exp_poly, KEY_TILE};
+
+    pub(super) fn tile_scores(q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let len = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            if j >= n {
+                *o = 0.0;
+                continue;
+            }
+            let mut a = [0f32; 8];
+            for (d, (&x, &k)) in q.iter().zip(&keys[j * stride..j * stride + len]).enumerate() {
+                a[d % 8] += x * k;
+            }
+            *o = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        }
+    }
+
+    pub(super) fn tile_exp(x: &mut [f32; KEY_TILE], n: usize, shift: f32) -> f32 {
+        for (j, v) in x.iter_mut().enumerate() {
+            *v = if j < n { exp_poly(*v - shift) } else { 0.0 };
+        }
+        tile_sum(x)
+    }
+
+    pub(super) fn tile_sum(x: &[f32; KEY_TILE]) -> f32 {
+        let t: [f32; 8] = core::array::from_fn(|i| x[i] + x[i + 8]);
+        let u: [f32; 4] = core::array::from_fn(|i| t[i] + t[i + 4]);
+        (u[0] + u[2]) + (u[1] + u[3])
+    }
+
+    pub(super) fn tile_pv(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+        let len = out.len();
+        for (j, &w) in p[..n].iter().enumerate() {
+            let row = &values[j * stride..j * stride + len];
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o += w * v;
+            }
+        }
+    }
+
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let mut acc = [0f32; 8];
@@ -99,7 +226,161 @@ mod scalar {
 mod x86 {
     use core::arch::x86_64::*;
 
-    use super::scalar;
+    use super::{scalar, KEY_TILE, LN2_HI, LN2_LO};
+
+    pub(super) fn tile_scores(q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        if n == 0 {
+            *out = [0.0; KEY_TILE];
+            return;
+        }
+        assert!(n <= KEY_TILE && keys.len() >= (n - 1) * stride + q.len());
+        // SAFETY: as for `dot`; reads rows `j * stride..j * stride + q.len()` for `j < n`.
+        unsafe { tile_scores_avx2(q, keys, stride, n, out) }
+    }
+
+    pub(super) fn tile_exp(x: &mut [f32; KEY_TILE], n: usize, shift: f32) -> f32 {
+        // SAFETY: as for `dot`.
+        unsafe { tile_exp_avx2(x, n, shift) }
+    }
+
+    pub(super) fn tile_pv(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+        let len = out.len();
+        if n == 0 {
+            return;
+        }
+        assert!(values.len() >= (n - 1) * stride + len);
+        // SAFETY: as for `dot`; reads rows `j * stride..j * stride + len` for `j < n`.
+        unsafe { tile_pv_avx2(out, p, n, values, stride) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_scores_avx2(q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let len = q.len();
+        let full = len / 8 * 8;
+        let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+        for g in 0..KEY_TILE / 8 {
+            let first = 8 * g;
+            if first >= n {
+                out[first..first + 8].fill(0.0);
+                continue;
+            }
+            // Keys past `n` repeat the last one (in bounds); their scores are zeroed below.
+            let rows: [usize; 8] = core::array::from_fn(|r| (first + r).min(n - 1) * stride);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut i = 0;
+            while i < full {
+                // SAFETY: i + 8 <= len, and every row holds len elements.
+                unsafe {
+                    let qv = _mm256_loadu_ps(pq.add(i));
+                    for (a, &row) in acc.iter_mut().zip(&rows) {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, _mm256_loadu_ps(pk.add(row + i))));
+                    }
+                }
+                i += 8;
+            }
+            if full < len {
+                for (a, &row) in acc.iter_mut().zip(&rows) {
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: lanes holds 8 elements.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+                    for d in full..len {
+                        lanes[d % 8] += q[d] * keys[row + d];
+                    }
+                    // SAFETY: as above.
+                    *a = unsafe { _mm256_loadu_ps(lanes.as_ptr()) };
+                }
+            }
+            let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+            let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+            let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+            let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+            let (h0123, h4567) = (_mm256_hadd_ps(h01, h23), _mm256_hadd_ps(h45, h67));
+            let sum = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(h0123, h4567),
+                _mm256_permute2f128_ps::<0x31>(h0123, h4567),
+            );
+            // SAFETY: out holds KEY_TILE elements and first + 8 <= KEY_TILE.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(first), sum) };
+            for o in out[n.clamp(first, first + 8)..first + 8].iter_mut() {
+                *o = 0.0;
+            }
+        }
+    }
+
+    /// The lanes of [`super::exp_poly`], operation for operation.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8_exact(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let k = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(core::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(LN2_HI)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(k, _mm256_set1_ps(LN2_LO)));
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+        }
+        let scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_exp_avx2(x: &mut [f32; KEY_TILE], n: usize, shift: f32) -> f32 {
+        let px = x.as_mut_ptr();
+        let s = _mm256_set1_ps(shift);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut e = [_mm256_setzero_ps(); 2];
+        for (h, eh) in e.iter_mut().enumerate() {
+            // SAFETY: x holds 16 elements.
+            let v = unsafe { _mm256_loadu_ps(px.add(8 * h)) };
+            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32 - 8 * h as i32), lane);
+            *eh = _mm256_and_ps(exp8_exact(_mm256_sub_ps(v, s)), _mm256_castsi256_ps(keep));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(px.add(8 * h), *eh) };
+        }
+        hsum(_mm256_add_ps(e[0], e[1]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_pv_avx2(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+        let len = out.len();
+        let (po, pv) = (out.as_mut_ptr(), values.as_ptr());
+        let mut i = 0;
+        while i + 64 <= len {
+            // SAFETY: i + 64 <= len; the caller checked the rows' extent.
+            unsafe {
+                let mut o: [__m256; 8] = core::array::from_fn(|b| _mm256_loadu_ps(po.add(i + 8 * b)));
+                for (j, &w) in p[..n].iter().enumerate() {
+                    let wv = _mm256_set1_ps(w);
+                    let row = pv.add(j * stride + i);
+                    for (b, ob) in o.iter_mut().enumerate() {
+                        *ob = _mm256_add_ps(*ob, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * b))));
+                    }
+                }
+                for (b, ob) in o.iter().enumerate() {
+                    _mm256_storeu_ps(po.add(i + 8 * b), *ob);
+                }
+            }
+            i += 64;
+        }
+        while i + 8 <= len {
+            // SAFETY: i + 8 <= len; as above.
+            unsafe {
+                let mut o = _mm256_loadu_ps(po.add(i));
+                for (j, &w) in p[..n].iter().enumerate() {
+                    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(pv.add(j * stride + i))));
+                }
+                _mm256_storeu_ps(po.add(i), o);
+            }
+            i += 8;
+        }
+        if i < len {
+            let tail = &values[i..];
+            scalar::tile_pv(&mut out[i..], p, n, tail, stride);
+        }
+    }
 
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -273,6 +554,44 @@ mod tests {
             assert!((t1 - t2).abs() <= 1e-5 * t1.max(1.0), "exp sum {n}: {t1} vs {t2}");
             for (u, v) in e1.iter().zip(&e2) {
                 assert!((u - v).abs() <= 1e-6 * u.max(1e-30) + 1e-37, "exp {u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn tile_kernels_agree_with_scalar_bit_for_bit() {
+        let (s, d) = (FloatKernels::scalar(), FloatKernels::detect());
+        let val = |i: usize, m: usize| ((i * 2_654_435_761 % m) as f32 / m as f32 - 0.5) * 4.0;
+        for len in [0usize, 1, 3, 7, 8, 13, 64, 70, 100, 136] {
+            let q: std::vec::Vec<f32> = (0..len).map(|i| val(i + 5, 1009)).collect();
+            let stride = len + 3;
+            let keys: std::vec::Vec<f32> = (0..KEY_TILE * stride).map(|i| val(i, 997)).collect();
+            for n in [0, 1, 5, 8, 9, 16] {
+                let (mut a1, mut a2) = ([0.25f32; KEY_TILE], [0.5f32; KEY_TILE]);
+                s.tile_scores(&q, &keys, stride, n, &mut a1);
+                d.tile_scores(&q, &keys, stride, n, &mut a2);
+                assert_eq!(a1.map(f32::to_bits), a2.map(f32::to_bits), "scores {len} {n}");
+                for (j, &v) in a1.iter().enumerate() {
+                    let want: f32 =
+                        if j < n { q.iter().zip(&keys[j * stride..]).map(|(x, k)| x * k).sum() } else { 0.0 };
+                    assert!((v - want).abs() <= 1e-4 * (1.0 + want.abs()), "score {len} {n} {j}: {v} vs {want}");
+                }
+            }
+            let values: std::vec::Vec<f32> = (0..KEY_TILE * stride).map(|i| val(i, 991)).collect();
+            for n in [0, 1, 9, 16] {
+                let mut x1: [f32; KEY_TILE] = core::array::from_fn(|j| val(j + len, 89) * 30.0 - 60.0);
+                let mut x2 = x1;
+                let (t1, t2) = (s.tile_exp(&mut x1, n, 0.0), d.tile_exp(&mut x2, n, 0.0));
+                assert_eq!(t1.to_bits(), t2.to_bits(), "exp sum {len} {n}");
+                assert_eq!(x1.map(f32::to_bits), x2.map(f32::to_bits), "exp {len} {n}");
+                for (j, &e) in x1.iter().enumerate() {
+                    let want = if j < n { libm::expf(val(j + len, 89) * 30.0 - 60.0) } else { 0.0 };
+                    assert!((e - want).abs() <= 1e-6 * want + 1e-37, "exp {e} vs {want}");
+                }
+                let (mut o1, mut o2) = (q.clone(), q.clone());
+                s.tile_pv(&mut o1, &x1, n, &values, stride);
+                d.tile_pv(&mut o2, &x1, n, &values, stride);
+                assert_eq!(o1, o2, "pv {len} {n}");
             }
         }
     }

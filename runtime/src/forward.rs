@@ -245,13 +245,10 @@ fn forward_batch(
         {
             let cache = cache.read();
             let (keys, values) = cache.layer(l);
-            let (heads, head_dim, group) = (c.heads, c.head_dim, c.heads / c.kv_heads);
-            for i in member.share(n * heads) {
-                let (t, h) = (i / heads, i % heads);
-                let query = &s.q[t * dim + h * head_dim..t * dim + (h + 1) * head_dim];
-                let out = &mut s.att[i * head_dim..(i + 1) * head_dim];
-                ops::attend(&compute.float, out, query, keys, values, kv_dim, (h / group) * head_dim, position + t);
-            }
+            let shape = ops::AttentionShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+            let mine = member.share(n * c.heads);
+            let out = &mut s.att[mine.start * c.head_dim..mine.end * c.head_dim];
+            ops::attend_batch(&compute.float, out, &s.q[..n * dim], keys, values, shape, position, mine);
         }
         member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
         s.act.load(&s.att, n, dim);

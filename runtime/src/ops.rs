@@ -1,5 +1,8 @@
 //! The element-wise and per-token operations of the forward pass, in f32.
 
+use core::ops::Range;
+
+use petrel_quant::float::{exp_poly, KEY_TILE};
 use petrel_quant::FloatKernels;
 
 /// `out = x / rms(x) * gain` with `rms(x) = sqrt(mean(x²) + eps)`, for one token.
@@ -57,98 +60,229 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Positions scored at once by [`attend`] (a stack buffer of this many f32).
-const ATTENTION_TILE: usize = 128;
+/// Queries processed together by [`attend_batch`] (each key tile is scored by all of them
+/// while it is in cache).
+const MAX_QUERIES: usize = 64;
 
-/// Causal attention of one query head over cached positions `0..=last`.
+/// The attention geometry of a model.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple of it).
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+/// Causal attention for the query heads `items` of a batch, item `i` being head
+/// `i % heads` of token `i / heads` at position `position + i / heads`, which sees the
+/// cached positions `0..=position + i / heads`.
 ///
-/// `q` is the head's query (`head_dim`), `keys`/`values` the layer's cache rows
-/// (`kv_dim` apart, the head's slice starting at `offset`), `out` receives the
-/// softmax-weighted sum of values. Positions are scored a tile at a time with a running
-/// maximum (online softmax), so the scratch is one fixed stack tile whatever the context.
+/// `q` holds the batch's queries (`tokens × heads × head_dim`), `keys`/`values` the layer's
+/// cache rows (`kv_heads × head_dim` per position), `out` receives the items' results
+/// (`items.len() × head_dim`). The queries of one key/value head are processed together a
+/// tile of [`KEY_TILE`] keys at a time: each query scores the tile (eight keys per SIMD
+/// reduction, see [`FloatKernels::tile_scores`]) and updates its online softmax and its
+/// weighted sum of values (kept in registers across the tile). Tiles start at multiples
+/// of `KEY_TILE` and every kernel fixes its order of operations, so a query's result
+/// depends on nothing but its own data: not on the batch, the split of `items`, or the
+/// instruction set.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend_batch(
     fk: &FloatKernels,
     out: &mut [f32],
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    kv_dim: usize,
-    offset: usize,
-    last: usize,
+    shape: AttentionShape,
+    position: usize,
+    items: Range<usize>,
 ) {
-    let head_dim = q.len();
-    let scale = 1.0 / libm::sqrtf(head_dim as f32);
-    let mut scores = [0f32; ATTENTION_TILE];
-    let mut max = f32::NEG_INFINITY;
-    let mut denom = 0f32;
-    out.fill(0.0);
-    let row = |p: usize| p * kv_dim + offset..p * kv_dim + offset + head_dim;
-    for start in (0..=last).step_by(ATTENTION_TILE) {
-        let n = (last + 1 - start).min(ATTENTION_TILE);
-        let tile = &mut scores[..n];
-        for (i, s) in tile.iter_mut().enumerate() {
-            *s = fk.dot(q, &keys[row(start + i)]) * scale;
-        }
-        let tile_max = tile.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if tile_max > max {
-            let correction = libm::expf(max - tile_max);
-            denom *= correction;
-            for o in out.iter_mut() {
-                *o *= correction;
+    let AttentionShape { heads, kv_heads, .. } = shape;
+    let group = heads / kv_heads;
+    if items.is_empty() {
+        return;
+    }
+    let per_pass = (MAX_QUERIES / group).max(1);
+    let (first, end) = (items.start / heads, items.end.div_ceil(heads));
+    let mut batch = [Query { item: 0, token: 0 }; MAX_QUERIES];
+    for block in (first..end).step_by(per_pass) {
+        for kv in 0..kv_heads {
+            let mut m = 0;
+            for t in block..(block + per_pass).min(end) {
+                for h in kv * group..(kv + 1) * group {
+                    let item = t * heads + h;
+                    if !items.contains(&item) {
+                        continue;
+                    }
+                    batch[m] = Query { item, token: t };
+                    m += 1;
+                    if m == MAX_QUERIES {
+                        attend_queries(fk, out, q, keys, values, shape, kv, position, items.start, &batch[..m]);
+                        m = 0;
+                    }
+                }
             }
-            max = tile_max;
-        }
-        denom += fk.exp_sub(tile, max);
-        for (i, &w) in tile.iter().enumerate() {
-            fk.axpy(out, w, &values[row(start + i)]);
+            if m > 0 {
+                attend_queries(fk, out, q, keys, values, shape, kv, position, items.start, &batch[..m]);
+            }
         }
     }
-    let inv = 1.0 / denom;
-    for o in out.iter_mut() {
-        *o *= inv;
+}
+
+/// One query of a pass of [`attend_batch`].
+#[derive(Clone, Copy)]
+struct Query {
+    item: usize,
+    token: usize,
+}
+
+/// [`attend_batch`] for queries of key/value head `kv`, tokens in increasing order.
+#[allow(clippy::too_many_arguments)]
+fn attend_queries(
+    fk: &FloatKernels,
+    out: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: AttentionShape,
+    kv: usize,
+    position: usize,
+    first_item: usize,
+    queries: &[Query],
+) {
+    let head_dim = shape.head_dim;
+    let kv_dim = shape.kv_heads * head_dim;
+    let offset = kv * head_dim;
+    let scale = 1.0 / libm::sqrtf(head_dim as f32);
+    let row = |item: usize| (item - first_item) * head_dim..(item - first_item + 1) * head_dim;
+    let last_of = |query: &Query| position + query.token;
+    let max_last = queries.iter().map(last_of).max().unwrap_or(0);
+    let mut max = [f32::NEG_INFINITY; MAX_QUERIES];
+    let mut denom = [0f32; MAX_QUERIES];
+    let mut tile = [0f32; KEY_TILE];
+    for query in queries {
+        out[row(query.item)].fill(0.0);
+    }
+    for start in (0..=max_last).step_by(KEY_TILE) {
+        let base = start * kv_dim + offset;
+        for (i, query) in queries.iter().enumerate() {
+            let last = last_of(query);
+            if start > last {
+                continue;
+            }
+            let n = (last + 1 - start).min(KEY_TILE);
+            let qb = query.token * shape.heads * head_dim + (query.item % shape.heads) * head_dim;
+            fk.tile_scores(&q[qb..qb + head_dim], &keys[base..], kv_dim, n, &mut tile);
+            for s in tile[..n].iter_mut() {
+                *s *= scale;
+            }
+            let tile_max = tile[..n].iter().fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+            let o = &mut out[row(query.item)];
+            if tile_max > max[i] {
+                if max[i] != f32::NEG_INFINITY {
+                    let correction = exp_poly(max[i] - tile_max);
+                    denom[i] *= correction;
+                    for v in o.iter_mut() {
+                        *v *= correction;
+                    }
+                }
+                max[i] = tile_max;
+            }
+            denom[i] += fk.tile_exp(&mut tile, n, max[i]);
+            fk.tile_pv(o, &tile, n, &values[base..], kv_dim);
+        }
+    }
+    for (i, query) in queries.iter().enumerate() {
+        let inv = 1.0 / denom[i];
+        for v in out[row(query.item)].iter_mut() {
+            *v *= inv;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::vec;
+    use std::vec::Vec;
 
-    #[test]
-    fn attend_matches_two_pass_softmax() {
-        // 300 positions: several tiles, with the maximum moving between them.
-        let (head_dim, kv_dim, offset, positions) = (4, 8, 4, 300);
-        let q = [0.3, -1.2, 0.5, 2.0];
-        let keys: std::vec::Vec<f32> =
-            (0..kv_dim * positions).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.4 + (i / kv_dim) as f32 * 0.004).collect();
-        let values: std::vec::Vec<f32> = (0..kv_dim * positions).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2).collect();
-        for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
-            check_attend(&fk, &q, &keys, &values, kv_dim, offset, positions, head_dim);
-        }
+    /// A deterministic pseudo-random stream in [-1, 1).
+    fn noise(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn check_attend(
-        fk: &FloatKernels,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        kv_dim: usize,
-        offset: usize,
-        positions: usize,
-        head_dim: usize,
-    ) {
-        let mut out = [0f32; 4];
-        attend(fk, &mut out, q, keys, values, kv_dim, offset, positions - 1);
-        let scores: std::vec::Vec<f32> = (0..positions)
-            .map(|p| (0..head_dim).map(|i| q[i] * keys[p * kv_dim + offset + i]).sum::<f32>() / 2.0)
-            .collect();
-        let max = scores.iter().copied().fold(f32::MIN, f32::max);
-        let w: std::vec::Vec<f32> = scores.iter().map(|s| libm::expf(s - max)).collect();
-        let total: f32 = w.iter().sum();
-        for i in 0..head_dim {
-            let expected: f32 = (0..positions).map(|p| w[p] / total * values[p * kv_dim + offset + i]).sum();
-            assert!((out[i] - expected).abs() < 1e-5, "{i}: {} vs {expected}", out[i]);
+    #[test]
+    fn attend_batch_matches_f64_reference_and_is_exact_across_kernels_and_splits() {
+        // (heads, kv_heads, head_dim, position, tokens): ragged tiles, GQA, MHA, a head
+        // dimension above 64 and not a multiple of 8, a group above the
+        // pass size.
+        let cases = [(6, 2, 64, 37, 5), (4, 4, 20, 0, 19), (2, 1, 70, 100, 3), (80, 1, 8, 5, 2), (3, 1, 64, 250, 9)];
+        let mut seed = 7u64;
+        for (heads, kv_heads, head_dim, position, tokens) in cases {
+            let (dim, kv_dim, positions) = (heads * head_dim, kv_heads * head_dim, position + tokens);
+            let mut gen = |len: usize, amp: f32| -> Vec<f32> { (0..len).map(|_| noise(&mut seed) * amp).collect() };
+            let q = gen(tokens * dim, 3.0);
+            let keys = gen(positions * kv_dim, 1.0);
+            let values = gen(positions * kv_dim, 1.0);
+            let shape = AttentionShape { heads, kv_heads, head_dim };
+            let items = tokens * heads;
+            let run = |fk: &FloatKernels, split: usize| {
+                let mut out = vec![0f32; items * head_dim];
+                let mut start = 0;
+                while start < items {
+                    let end = (start + split).min(items);
+                    attend_batch(
+                        fk,
+                        &mut out[start * head_dim..end * head_dim],
+                        &q,
+                        &keys,
+                        &values,
+                        shape,
+                        position,
+                        start..end,
+                    );
+                    start = end;
+                }
+                out
+            };
+            let reference = run(&FloatKernels::scalar(), items);
+            for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+                for split in [1, 5, items] {
+                    assert_eq!(run(&fk, split), reference, "{heads}/{kv_heads}/{head_dim} split {split}");
+                }
+            }
+            // Batch independence: each token alone, at its own position.
+            for t in 0..tokens {
+                let mut out = vec![0f32; heads * head_dim];
+                let qt = &q[t * dim..(t + 1) * dim];
+                attend_batch(&FloatKernels::detect(), &mut out, qt, &keys, &values, shape, position + t, 0..heads);
+                assert_eq!(out[..], reference[t * dim..(t + 1) * dim], "token {t} alone");
+            }
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let off = (h / (heads / kv_heads)) * head_dim;
+                    let qh = &q[t * dim + h * head_dim..t * dim + (h + 1) * head_dim];
+                    let scores: Vec<f64> = (0..=position + t)
+                        .map(|p| {
+                            let k = &keys[p * kv_dim + off..p * kv_dim + off + head_dim];
+                            qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for i in 0..head_dim {
+                        let expected: f64 =
+                            w.iter().enumerate().map(|(p, w)| w / total * values[p * kv_dim + off + i] as f64).sum();
+                        let got = reference[(t * heads + h) * head_dim + i] as f64;
+                        assert!((got - expected).abs() < 2e-5, "{t}/{h}/{i}: {got} vs {expected}");
+                    }
+                }
+            }
         }
     }
 
