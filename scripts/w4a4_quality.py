@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = Path(os.environ.get("PETREL_HOME", Path.home() / ".cache/petrel"))
-PETREL = ROOT / "target/release/petrel"
+PETREL = Path(os.environ.get("PETREL_BIN", ROOT / "target/release/petrel"))
 SOURCE = HOME / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPORA = HOME / "corpora"
 
@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored per row")
     ap.add_argument("--group", type=int, default=128, help="weight group size (0 = per channel)")
     ap.add_argument("--clip", type=float, default=0.8, help="activation clip ratio for w4a4")
+    ap.add_argument("--clip-g32", type=float, default=1.0,
+                    help="activation clip ratio of the group-32 row (finer groups clip less)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=HOME / "quality")
     ap.add_argument("--only", help="comma-separated row names to (re)run; others are read from --out")
@@ -65,7 +67,7 @@ def main():
         ("w4a4-rot-rtn", "W4A4, rotated + RTN", ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate"]),
         ("w4a4-rot-gptq", "W4A4, rotated + GPTQ", ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate", *gptq]),
         ("w4a4-rot-gptq-g32", "W4A4, rotated + GPTQ, weight and activation groups of 32",
-         ["--scheme", "w4a4", "--group", "32", "--act-clip", c, "--rotate", *gptq]),
+         ["--scheme", "w4a4", "--group", "32", "--act-clip", str(args.clip_g32), "--rotate", *gptq]),
         ("w4a4-rot-gptq-a8norm", "W4A4, rotated + GPTQ, 8-bit activations at the normalized residual (q/k/v, gate/up inputs)",
          ["--scheme", "w4a4", "--group", g, "--act-clip", c, "--rotate", *gptq, "--a8", "attn-in,mlp-in"]),
         ("w4a4-rot-gptq-w4head", "W4A4, rotated + GPTQ, W4 output head (A4 too)",
@@ -106,9 +108,10 @@ def main():
     ref = next(r for r in results if r["name"] == "reference-f32")["perplexity"]
     lines = [
         f"SmolLM2-135M-Instruct on the held-out split ({results[0]['tokens_scored']} tokens scored, window 512, "
-        f"stride 256); W4 group size {args.group or 'per channel'}, W4A4 activation clip {args.clip}; GPTQ "
+        f"stride 256); W4 group size {args.group or 'per channel'}, W4A4 activation clip {args.clip} "
+        f"({args.clip_g32} for the group-32 row); GPTQ "
         f"calibrated on {args.calib_tokens} training tokens. Produced by `python3 scripts/w4a4_quality.py "
-        f"--tokens {args.tokens} --group {args.group} --clip {args.clip}`.",
+        f"--tokens {args.tokens} --group {args.group} --clip {args.clip} --clip-g32 {args.clip_g32}`.",
         "",
         "| row | perplexity | vs reference | file MB | peak RSS MiB | answer |",
         "|---|---|---|---|---|---|",
@@ -121,7 +124,8 @@ def main():
     md = "\n".join(lines) + "\n"
     (ROOT / "bench/results/w4a4-quality.md").write_text(md)
     (ROOT / "bench/results/w4a4-quality.json").write_text(json.dumps(
-        {"tokens": args.tokens, "group": args.group, "clip": args.clip, "calib_tokens": args.calib_tokens,
+        {"tokens": args.tokens, "group": args.group, "clip": args.clip, "clip_g32": args.clip_g32,
+         "calib_tokens": args.calib_tokens,
          "rows": results}, indent=1))
     print(md)
 
