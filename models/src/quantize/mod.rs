@@ -194,7 +194,13 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
     let hessians = if args.gptq {
         let path = args.calib.as_ref().context("--gptq needs --calib FILE")?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let tokens = model.tokenizer.encode(&text, false);
+        // English runs at about 4 bytes per token: tokenize a prefix that surely suffices,
+        // not a whole corpus.
+        let mut end = text.len().min(args.calib_tokens.saturating_mul(16).max(4096));
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let tokens = model.tokenizer.encode(&text[..end], false);
         let seq = args.calib_seq_len.clamp(16, model.config.context_length);
         let sequences: Vec<Vec<u32>> =
             tokens.chunks_exact(seq).take(args.calib_tokens / seq).map(<[u32]>::to_vec).collect();
