@@ -269,9 +269,12 @@ fn forward_batch(
         }
         layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
         if let Some(hadamard) = &model.down_hadamard {
-            for row in s.gate[..n * ffn].chunks_exact_mut(ffn) {
+            // Each member rotates its share of the tokens, then the rows are exchanged.
+            let mine = member.share(n);
+            for row in s.gate[mine.start * ffn..mine.end * ffn].chunks_exact_mut(ffn) {
                 hadamard.apply(row);
             }
+            member.all_gather(&mut s.gate[..n * ffn], 1, n, ffn);
         }
         s.act.load(&s.gate, n, ffn);
         tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);

@@ -51,11 +51,15 @@ fn truncated_file(
 
 /// Logits after every token of a fixed text.
 fn logits(bytes: &[u8], text: &str) -> Vec<f32> {
+    logits_with(bytes, text, 2, 64)
+}
+
+fn logits_with(bytes: &[u8], text: &str, threads: usize, max_batch: usize) -> Vec<f32> {
     let file = GgufFile::parse(bytes).expect("parses");
     let model = Model::load(&file).expect("loads");
     let tokens = model.tokenizer.encode(text, false);
-    let mut session = Session::new(&model, SessionOptions { capacity: 64, threads: 2, ..SessionOptions::default() })
-        .expect("session");
+    let options = SessionOptions { capacity: 64, threads, max_batch, ..SessionOptions::default() };
+    let mut session = Session::new(&model, options).expect("session");
     let mut out = vec![0f32; tokens.len() * model.config.vocab_size];
     session.prefill_all_logits(&tokens, &mut out).expect("runs");
     out
@@ -81,6 +85,35 @@ fn rotations_leave_the_function_unchanged() {
     let worst = plain.iter().zip(&rotated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let scale = plain.iter().map(|v| v.abs()).fold(0f32, f32::max);
     assert!(worst <= 2e-4 * scale.max(1.0), "rotation changed the logits by up to {worst} (max |logit| {scale})");
+}
+
+/// W4A4 with the online Hadamard (split across the team by tokens): bit-identical logits
+/// for any thread count and batch size.
+#[test]
+fn rotated_w4a4_is_bit_identical_across_threads_and_batches() {
+    let file = model_file();
+    let source = GgufFile::parse(file.bytes()).expect("valid GGUF");
+    let model = Model::load(&source).expect("loads");
+    let mut master = MasterWeights::from_model(&model);
+    master.layers.truncate(BLOCKS);
+    master.rotate(3).expect("rotates");
+    let w4a4 = Layout {
+        scheme: Scheme::W4a4,
+        act_clip: 0.8,
+        group: GroupSize::G32,
+        embedding: TableFormat::Q8_0,
+        head: TableFormat::Q8_0,
+        ..dense(true)
+    };
+    let bytes = truncated_file(&source, &master, &w4a4, None);
+    let reference = logits_with(&bytes, TEXT, 1, 64);
+    for (threads, max_batch) in [(2, 64), (3, 64), (2, 5), (1, 3)] {
+        let other = logits_with(&bytes, TEXT, threads, max_batch);
+        assert!(
+            reference.iter().zip(&other).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "threads {threads}, batch {max_batch} changed the logits"
+        );
+    }
 }
 
 #[test]
