@@ -3,7 +3,7 @@
 //! lookup-table kernel) against ggml's Q4_0 × Q8_0 product (`bench/llama/ggml_mulmat.c`),
 //! in GOPS = 2 · M · N · K / time.
 //!
-//! Petrel's kernels are timed on activations already quantized (as `w4_gops` does); the
+//! Petrel's kernels are timed on activations already quantized; the
 //! per-token activation quantization (`quantize_token`, which the runtime runs once per
 //! input and reuses for every matrix that reads it) is timed on its own, and rows "with
 //! quantization" add the two, which is what ggml's figure includes (its mul_mat quantizes

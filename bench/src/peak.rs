@@ -1,7 +1,6 @@
 //! The machine's int8 multiply–accumulate peak: a loop of 16 independent 512-bit
 //! `vpdpbusd` (AVX-512 VNNI: 64 u8×i8 products summed into 16 i32 lanes each), the
 //! instruction Petrel's VNNI W4 kernel and ggml's AVX-512 Q4_0 kernels are built on.
-//! Ported from `quant/examples/w4_gops.rs`.
 
 use std::sync::Barrier;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Timing of short calls on a shared machine: the best of several runs, in the calling
 //! thread's on-CPU time where Linux reports it (so that time slices lost to other processes
-//! count less), else wall time. The same method as `quant/examples/w4_gops.rs` and
-//! `bench/llama/ggml_mulmat.c` (`CLOCK_THREAD_CPUTIME_ID`), so their figures compare.
+//! count less), else wall time. The same method as `bench/llama/ggml_mulmat.c`
+//! (`CLOCK_THREAD_CPUTIME_ID`), so their figures compare.
 
 use std::time::{Duration, Instant};
 

@@ -376,20 +376,7 @@ pub fn random_orthogonal(n: usize, seed: u64) -> alloc::vec::Vec<f32> {
     use alloc::vec;
     use alloc::vec::Vec;
 
-    struct SplitMix64(u64);
-    impl SplitMix64 {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        /// Uniform in `[0, 1)`, 53 bits.
-        fn uniform(&mut self) -> f64 {
-            (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-        }
-    }
+    use crate::rng::SplitMix64;
 
     /// `Σ a_i b_i` with four accumulators in a fixed order.
     fn dot(a: &[f64], b: &[f64]) -> f64 {

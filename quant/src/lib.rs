@@ -25,6 +25,7 @@ pub mod float;
 pub mod hadamard;
 #[cfg(feature = "alloc")]
 pub mod ptq;
+pub mod rng;
 pub mod w4;
 
 pub use activation::{quantize_row_q8, Q8Row, Q8RowMut};

@@ -888,17 +888,10 @@ mod tests {
     use std::time::Instant;
     use std::{println, vec::Vec};
 
-    struct Rng(u64);
+    struct Rng(crate::rng::SplitMix64);
     impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
         fn uniform(&mut self) -> f64 {
-            (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+            self.0.uniform()
         }
         fn normal(&mut self) -> f32 {
             let (u1, u2) = (1.0 - self.uniform(), self.uniform());
@@ -949,7 +942,7 @@ mod tests {
     fn ptq_inverse_factor_matches_cholesky_of_the_inverse() {
         // Reference path: H⁻¹ explicitly (Gauss–Jordan), then its upper Cholesky factor.
         let n = 9;
-        let mut rng = Rng(3);
+        let mut rng = Rng(crate::rng::SplitMix64(3));
         let b: Vec<f64> = (0..n * n).map(|_| rng.normal() as f64).collect();
         let mut h = vec![0.0f64; n * n];
         for i in 0..n {
@@ -997,7 +990,7 @@ mod tests {
 
     #[test]
     fn ptq_gptq_with_identity_or_diagonal_hessian_is_rtn() {
-        let mut rng = Rng(1);
+        let mut rng = Rng(crate::rng::SplitMix64(1));
         let (rows, cols) = (21, 200);
         let mut w = rng.normals(rows * cols);
         w[5] = 9.0; // an outlier, so clipping matters
@@ -1021,7 +1014,7 @@ mod tests {
 
     #[test]
     fn ptq_gptq_beats_rtn_on_correlated_inputs() {
-        let mut rng = Rng(2);
+        let mut rng = Rng(crate::rng::SplitMix64(2));
         let (rows, cols, tokens) = (48, 256, 1024);
         let w = rng.normals(rows * cols);
         let x = correlated_x(&mut rng, tokens, cols, 24);
@@ -1044,7 +1037,7 @@ mod tests {
 
     #[test]
     fn ptq_proxy_loss_is_twice_the_mean_output_error() {
-        let mut rng = Rng(4);
+        let mut rng = Rng(crate::rng::SplitMix64(4));
         let (rows, cols, tokens) = (7, 40, 50);
         let w = rng.normals(rows * cols);
         let x = correlated_x(&mut rng, tokens, cols, 5);
@@ -1084,7 +1077,7 @@ mod tests {
 
     #[test]
     fn ptq_mse_clipping_never_loses_to_full_range() {
-        let mut rng = Rng(5);
+        let mut rng = Rng(crate::rng::SplitMix64(5));
         let (rows, cols) = (64, 160);
         let mut w = rng.normals(rows * cols);
         for (i, v) in w.iter_mut().enumerate() {
@@ -1130,7 +1123,7 @@ mod tests {
 
     #[test]
     fn ptq_dead_columns_and_rank_deficient_hessians() {
-        let mut rng = Rng(6);
+        let mut rng = Rng(crate::rng::SplitMix64(6));
         let (rows, cols, tokens) = (32, 128, 24); // 24 tokens: rank ≤ 24 < 128
         let w = rng.normals(rows * cols);
         let mut x = correlated_x(&mut rng, tokens, cols, 8);
@@ -1171,7 +1164,7 @@ mod tests {
     #[test]
     fn ptq_bad_inputs_are_errors() {
         let (rows, cols) = (4, 64);
-        let mut rng = Rng(7);
+        let mut rng = Rng(crate::rng::SplitMix64(7));
         let w = rng.normals(rows * cols);
         let h = identity(cols);
         let opts = GptqOptions::default();
@@ -1214,7 +1207,7 @@ mod tests {
 
     #[test]
     fn ptq_plan_rows_split_like_one_call() {
-        let mut rng = Rng(8);
+        let mut rng = Rng(crate::rng::SplitMix64(8));
         let (rows, cols, tokens) = (37, 96, 200);
         let w = rng.normals(rows * cols);
         let x = correlated_x(&mut rng, tokens, cols, 6);
@@ -1237,7 +1230,7 @@ mod tests {
     #[test]
     #[ignore]
     fn ptq_timing_1536() {
-        let mut rng = Rng(9);
+        let mut rng = Rng(crate::rng::SplitMix64(9));
         let (rows, cols, tokens) = (576, 1536, 512);
         let w = rng.normals(rows * cols);
         let x = correlated_x(&mut rng, tokens, cols, 64);

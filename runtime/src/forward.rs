@@ -269,12 +269,16 @@ fn forward_batch(
         }
         layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
         if let Some(hadamard) = &model.down_hadamard {
-            // Each member rotates its share of the tokens, then the rows are exchanged.
-            let mine = member.share(n);
+            // In a batch each member rotates its share of the tokens and the rows are
+            // exchanged; a single decode token is cheaper to rotate on every member than to
+            // wait at one more barrier for.
+            let mine = if n == 1 { 0..1 } else { member.share(n) };
             for row in s.gate[mine.start * ffn..mine.end * ffn].chunks_exact_mut(ffn) {
                 hadamard.apply(row);
             }
-            member.all_gather(&mut s.gate[..n * ffn], 1, n, ffn);
+            if n > 1 {
+                member.all_gather(&mut s.gate[..n * ffn], 1, n, ffn);
+            }
         }
         s.act.load(&s.gate, n, ffn);
         tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);

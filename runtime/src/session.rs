@@ -184,19 +184,22 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Appends `tokens` to the conversation and returns the logits after the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
-        self.check(tokens)?;
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
-        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
-        self.position += tokens.len();
-        Ok(self.states[0].get_mut().logits_mut())
+        self.prefill_with_tap(tokens, None)
     }
 
     /// As [`Session::prefill`], showing the input of every linear layer to `tap` on the
     /// way (calibration and activation statistics).
     pub fn prefill_observed(&mut self, tokens: &[u32], tap: &dyn ActivationTap) -> Result<&mut [f32], SessionError> {
+        self.prefill_with_tap(tokens, Some(tap))
+    }
+
+    fn prefill_with_tap(
+        &mut self,
+        tokens: &[u32],
+        tap: Option<&dyn ActivationTap>,
+    ) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
-        let compute =
-            Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: Some(tap) };
+        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap };
         forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
         self.position += tokens.len();
         Ok(self.states[0].get_mut().logits_mut())

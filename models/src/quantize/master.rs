@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 use petrel_quant::hadamard::Hadamard;
+use petrel_quant::rng::SplitMix64;
 use petrel_runtime::linear::Linear;
 use petrel_runtime::{LlamaConfig, Model};
 use rayon::prelude::*;
@@ -183,18 +184,6 @@ impl MasterWeights {
 
 /// `n` values ±1 from a seeded SplitMix64.
 fn random_signs(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            if (z ^ (z >> 31)) & 1 == 0 {
-                1.0
-            } else {
-                -1.0
-            }
-        })
-        .collect()
+    let mut rng = SplitMix64(seed);
+    (0..n).map(|_| if rng.next() & 1 == 0 { 1.0 } else { -1.0 }).collect()
 }

@@ -1,8 +1,6 @@
 //! The pipeline on the first two blocks of SmolLM2-135M (the model the CI pulls): QuaRot's
 //! rotations leave the function unchanged, and GPTQ's Hessians reach the right layers.
 
-use std::path::PathBuf;
-
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::gguf_writer::MetadataValue;
 use petrel_runtime::mapped::MappedFile;
@@ -15,10 +13,8 @@ use petrel_quant::w4::GroupSize;
 const BLOCKS: usize = 2;
 
 fn model_file() -> MappedFile {
-    let home = std::env::var_os("PETREL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/petrel"));
-    let path = home.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = crate::registry::known_model("smollm2-135m").expect("a known model");
+    let path = crate::registry::cached_path(model).expect("a cache directory");
     assert!(path.exists(), "{} is missing: run `petrel pull smollm2-135m` first", path.display());
     MappedFile::open(path).expect("model maps")
 }

@@ -59,6 +59,42 @@ impl Isa {
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     pub const ALL: [Isa; 1] = [Isa::Scalar];
 
+    /// Whether this CPU runs kernels for `self`: detected at run time with `std`, from the
+    /// compile-time target features otherwise. Every kernel family (`Kernels`,
+    /// `W4Kernels`, the lookup-table kernel) asks here.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::has_avx2(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => x86::has_avx512vnni(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => {
+                #[cfg(feature = "std")]
+                {
+                    std::arch::is_aarch64_feature_detected!("dotprod")
+                }
+                #[cfg(not(feature = "std"))]
+                {
+                    cfg!(target_feature = "dotprod")
+                }
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonI8mm => {
+                #[cfg(feature = "std")]
+                {
+                    std::arch::is_aarch64_feature_detected!("i8mm")
+                }
+                #[cfg(not(feature = "std"))]
+                {
+                    cfg!(target_feature = "i8mm")
+                }
+            }
+            _ => false,
+        }
+    }
+
     /// A short lower-case name (`scalar`, `avx2`, `avx512vnni`, `neon-dotprod`,
     /// `neon-i8mm`).
     pub const fn name(self) -> &'static str {
@@ -106,7 +142,7 @@ impl Kernels {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if x86::has_avx2() => Some(Kernels {
+            Isa::Avx2 if isa.is_supported() => Some(Kernels {
                 isa,
                 q4_0: x86::dot_q4_0_avx2,
                 q4_1: x86::dot_q4_1_avx2,
@@ -116,7 +152,7 @@ impl Kernels {
                 q8_0_x4: x86::dot4_q8_0_avx2,
             }),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni if x86::has_avx512vnni() => Some(Kernels {
+            Isa::Avx512Vnni if isa.is_supported() => Some(Kernels {
                 isa,
                 q4_0: x86::dot_q4_0_vnni,
                 q4_1: x86::dot_q4_1_vnni,

@@ -23,18 +23,26 @@ pub(super) fn has_avx2() -> bool {
     }
 }
 
-/// True if the AVX-512 VNNI kernels can run here (also needs AVX-512 VL and the AVX2 set).
+/// True if the AVX-512 VNNI kernels can run here (AVX-512 F, BW, VL and VNNI on top of the
+/// AVX2 set).
 pub(super) fn has_avx512vnni() -> bool {
     #[cfg(feature = "std")]
     {
         has_avx2()
-            && std::is_x86_feature_detected!("avx512vnni")
-            && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(feature = "std"))]
     {
-        has_avx2() && cfg!(all(target_feature = "avx512vnni", target_feature = "avx512vl"))
+        has_avx2()
+            && cfg!(all(
+                target_feature = "avx512f",
+                target_feature = "avx512bw",
+                target_feature = "avx512vl",
+                target_feature = "avx512vnni"
+            ))
     }
 }
 

@@ -21,30 +21,6 @@ use super::written_rows;
 use crate::w4::activation::TokenBatch;
 use crate::w4::{W4Matrix, OCT, PANEL_ROWS};
 
-/// True if the `sdot` kernel can run here (NEON with the dot-product extension).
-pub(super) fn has_dotprod() -> bool {
-    #[cfg(feature = "std")]
-    {
-        std::arch::is_aarch64_feature_detected!("dotprod")
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        cfg!(target_feature = "dotprod")
-    }
-}
-
-/// True if the `smmla` kernel can run here (NEON with the int8 matrix-multiply extension).
-pub(super) fn has_i8mm() -> bool {
-    #[cfg(feature = "std")]
-    {
-        std::arch::is_aarch64_feature_detected!("i8mm")
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        cfg!(target_feature = "i8mm")
-    }
-}
-
 /// `$acc.4s += $w.16b · $x.4b[$lane]`: four 4-way signed byte dot products of the four
 /// 32-bit lanes of `$w` with the `$lane`-th four bytes of `$x`. Only for functions that
 /// enable `dotprod`.

@@ -35,7 +35,7 @@
 //! unpacking, or 5 AVX2 instructions for 2 × 32. With 4-bit weights a table index covers one
 //! weight, so the table cannot win back the widening it needs (T-MAC gains at 1–2 bits).
 //! Measured single-threaded on an AVX-512 VNNI Xeon (SmolLM2 shapes, per channel,
-//! `w4_gops` example): about 0.36× the VNNI kernel with 512-bit registers and 0.8× the AVX2
+//! `petrel-bench w4a4`, results in `bench/results/w4a4.md`): about 0.36× the VNNI kernel with 512-bit registers and 0.8× the AVX2
 //! unpack kernel with 256-bit registers, at every shape and token count, so
 //! [`super::W4Kernels`] stays the default.
 
@@ -158,9 +158,9 @@ impl LutKernel {
     pub fn for_isa(isa: Isa) -> Option<Self> {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if super::x86::has_avx2() => Some(LutKernel { isa }),
+            Isa::Avx2 if isa.is_supported() => Some(LutKernel { isa }),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni if super::x86::has_avx512vnni() => Some(LutKernel { isa }),
+            Isa::Avx512Vnni if isa.is_supported() => Some(LutKernel { isa }),
             _ => None,
         }
     }

@@ -61,19 +61,19 @@ impl W4Kernels {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if x86::has_avx2() => {
+            Isa::Avx2 if isa.is_supported() => {
                 Some(W4Kernels { isa, int: x86::gemm_int_avx2, float: x86::gemm_float_avx2 })
             }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni if x86::has_avx512vnni() => {
+            Isa::Avx512Vnni if isa.is_supported() => {
                 Some(W4Kernels { isa, int: x86::gemm_int_vnni, float: x86::gemm_float_vnni })
             }
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-            Isa::NeonDot if aarch64::has_dotprod() => {
+            Isa::NeonDot if isa.is_supported() => {
                 Some(W4Kernels { isa, int: aarch64::gemm_int_dot, float: aarch64::gemm_float })
             }
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-            Isa::NeonI8mm if aarch64::has_i8mm() => {
+            Isa::NeonI8mm if isa.is_supported() => {
                 Some(W4Kernels { isa, int: aarch64::gemm_int_i8mm, float: aarch64::gemm_float })
             }
             _ => None,

@@ -45,43 +45,6 @@ use core::ops::Range;
 use crate::w4::activation::TokenBatch;
 use crate::w4::{W4Matrix, OCT, PANEL_BLOCK_BYTES, PANEL_ROWS};
 
-/// True if the AVX2 kernels can run here (AVX2, FMA and F16C).
-pub(super) fn has_avx2() -> bool {
-    #[cfg(feature = "std")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        cfg!(all(target_feature = "avx2", target_feature = "fma", target_feature = "f16c"))
-    }
-}
-
-/// True if the AVX-512 VNNI kernels can run here (AVX-512 F, BW, VL and VNNI on top of the
-/// AVX2 set).
-pub(super) fn has_avx512vnni() -> bool {
-    #[cfg(feature = "std")]
-    {
-        has_avx2()
-            && std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        has_avx2()
-            && cfg!(all(
-                target_feature = "avx512f",
-                target_feature = "avx512bw",
-                target_feature = "avx512vl",
-                target_feature = "avx512vnni"
-            ))
-    }
-}
-
 /// Octs after which the VNNI kernels fold the high-nibble accumulator (`16 Σ u · x`, at most
 /// `4 · 240 · 128` per oct and lane) into the low one, so that it can never overflow i32
 /// and the exact division by 16 stays exact, whatever the row length.
