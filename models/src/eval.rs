@@ -1,5 +1,6 @@
 //! `petrel eval`: measuring a model's quality. `petrel eval ppl` computes perplexity on a
-//! text file.
+//! text file; `petrel eval act-stats` reports the outlier statistics of every linear
+//! layer's input (see [`petrel_models::act_stats`]).
 //!
 //! Two ways to cut a long text into the model's context:
 //! - **strided** (the default, as in Hugging Face's perplexity guide): windows of `window`
@@ -20,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use petrel_models::act_stats::{self, SiteStats, SiteSummary};
 use petrel_models::registry;
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
@@ -30,6 +32,10 @@ use petrel_runtime::{Model, Session, SessionOptions};
 pub enum EvalCommand {
     /// Perplexity of a model on a text file (lower is better).
     Ppl(PplArgs),
+    /// Per-layer activation outlier statistics of the linear layers' inputs: mean per-token
+    /// kurtosis over the channels, and the max and median over channels of each channel's
+    /// largest |activation|.
+    ActStats(ActStatsArgs),
 }
 
 /// Arguments of `petrel eval ppl`.
@@ -62,10 +68,35 @@ pub struct PplArgs {
     json: Option<PathBuf>,
 }
 
+/// Arguments of `petrel eval act-stats`.
+#[derive(Args, Debug)]
+pub struct ActStatsArgs {
+    /// A known model name (pulled on first use) or a path to a GGUF file.
+    #[arg(long, short, default_value = "smollm2-135m")]
+    model: String,
+    /// UTF-8 text file to run (tokenized whole, without BOS unless the model adds it).
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per forward pass: the text is cut into consecutive, non-overlapping windows,
+    /// each run from an empty cache; at most the model's context.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Measure only the first N tokens of the text.
+    #[arg(long, default_value_t = 8192)]
+    max_tokens: usize,
+    /// Worker threads (default: all available cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 /// Runs an eval subcommand.
 pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Ppl(args) => perplexity(&args),
+        EvalCommand::ActStats(args) => activation_stats(&args),
     }
 }
 
@@ -205,14 +236,7 @@ fn perplexity(args: &PplArgs) -> Result<()> {
         bail!("--window {} exceeds the model's context length of {} tokens", args.window, model.config.context_length);
     }
 
-    let tokenizer = &model.tokenizer;
-    let bos = tokenizer.add_bos().then(|| tokenizer.bos());
-    let mut tokens: Vec<u32> = bos.into_iter().collect();
-    tokenizer.encode_into(&text, false, &mut tokens);
-    let text_tokens = tokens.len();
-    if let Some(max) = args.max_tokens {
-        tokens.truncate(max);
-    }
+    let (tokens, bos, text_tokens) = tokenize(&model, &text, args.max_tokens);
     let windows = if args.llama_cpp {
         if tokens.len() < 2 * args.window {
             bail!(
@@ -277,6 +301,203 @@ fn perplexity(args: &PplArgs) -> Result<()> {
         std::fs::write(out, report.json()).with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
+}
+
+/// `text` as the evals feed it: BOS first if the model adds it, then the whole text, cut
+/// to `max_tokens`. Also returns the BOS token (if added) and the text's full token count.
+fn tokenize(model: &Model<'_>, text: &str, max_tokens: Option<usize>) -> (Vec<u32>, Option<u32>, usize) {
+    let tokenizer = &model.tokenizer;
+    let bos = tokenizer.add_bos().then(|| tokenizer.bos());
+    let mut tokens: Vec<u32> = bos.into_iter().collect();
+    tokenizer.encode_into(text, false, &mut tokens);
+    let text_tokens = tokens.len();
+    if let Some(max) = max_tokens {
+        tokens.truncate(max);
+    }
+    (tokens, bos, text_tokens)
+}
+
+fn activation_stats(args: &ActStatsArgs) -> Result<()> {
+    if args.window == 0 {
+        bail!("--window must be at least 1 token");
+    }
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let text = read_text(&args.text)?;
+    let path = registry::resolve(&args.model)?;
+    let file = MappedFile::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let model_error = || format!("cannot load the model {}", path.display());
+    let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
+    let model = Model::load(&gguf).with_context(model_error)?;
+    if args.window > model.config.context_length {
+        bail!("--window {} exceeds the model's context length of {} tokens", args.window, model.config.context_length);
+    }
+    let (tokens, _, text_tokens) = tokenize(&model, &text, Some(args.max_tokens));
+    if tokens.is_empty() {
+        bail!("{} has no tokens", args.text.display());
+    }
+    let windows = tokens.len().div_ceil(args.window);
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    eprintln!(
+        "{}: {} tokens ({text_tokens} in the file), {windows} windows of up to {}, {threads} threads",
+        args.text.display(),
+        tokens.len(),
+        args.window,
+    );
+
+    let bar = ProgressBar::new(tokens.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("measuring {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let stats = act_stats::measure(&model, &tokens, args.window, threads, |n| bar.inc(n as u64))?;
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let summary = act_stats::summarize(&stats);
+    let odd = stats.iter().filter(|s| !(s.mean_kurtosis.is_finite() && s.ratio.is_finite())).count();
+    if odd > 0 {
+        eprintln!("warning: {odd} sites have a non-finite kurtosis or max/median (constant or non-finite activations)");
+    }
+    let report = ActReport {
+        model: &path,
+        text: &args.text,
+        tokens: tokens.len(),
+        tokens_in_text: text_tokens,
+        window: args.window,
+        windows,
+        threads,
+        seconds,
+        stats: &stats,
+        summary: &summary,
+    };
+    report.print()?;
+    if let Some(out) = &args.json {
+        std::fs::write(out, report.json()).with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// What `petrel eval act-stats` prints and writes as JSON.
+struct ActReport<'a> {
+    model: &'a Path,
+    text: &'a Path,
+    tokens: usize,
+    tokens_in_text: usize,
+    window: usize,
+    windows: usize,
+    threads: usize,
+    seconds: f64,
+    stats: &'a [SiteStats],
+    summary: &'a [SiteSummary],
+}
+
+impl ActReport<'_> {
+    /// A markdown table of every (layer, site), then one of the per-site means over layers.
+    fn print(&self) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{}: {} tokens ({} in the text), {} windows of up to {} tokens, {:.1} s on {} threads\n",
+            self.model.display(),
+            self.tokens,
+            self.tokens_in_text,
+            self.windows,
+            self.window,
+            self.seconds,
+            self.threads
+        )?;
+        writeln!(out, "| layer | site | kurtosis | max channel | median channel | max/median |")?;
+        writeln!(out, "|---:|:---|---:|---:|---:|---:|")?;
+        for s in self.stats {
+            writeln!(
+                out,
+                "| {} | {} | {:.2} | {:.4} | {:.4} | {:.2} |",
+                s.layer,
+                act_stats::site_name(s.site),
+                s.mean_kurtosis,
+                s.max_channel,
+                s.median_channel,
+                s.ratio
+            )?;
+        }
+        writeln!(out, "\n| site | layers | mean kurtosis | mean max/median |")?;
+        writeln!(out, "|:---|---:|---:|---:|")?;
+        for s in self.summary {
+            writeln!(
+                out,
+                "| {} | {} | {:.2} | {:.2} |",
+                act_stats::site_name(s.site),
+                s.layers,
+                s.mean_kurtosis,
+                s.mean_ratio
+            )?;
+        }
+        out.flush()
+    }
+
+    fn json(&self) -> String {
+        let sites: Vec<String> = self
+            .stats
+            .iter()
+            .map(|s| {
+                format!(
+                    concat!(
+                        "    {{\"layer\": {}, \"site\": \"{}\", \"tokens\": {}, \"channels\": {}, ",
+                        "\"mean_kurtosis\": {}, \"max_channel\": {}, \"median_channel\": {}, \"ratio\": {}}}"
+                    ),
+                    s.layer,
+                    act_stats::site_name(s.site),
+                    s.tokens,
+                    s.channels,
+                    json_number(s.mean_kurtosis),
+                    json_number(s.max_channel),
+                    json_number(s.median_channel),
+                    json_number(s.ratio),
+                )
+            })
+            .collect();
+        let summary: Vec<String> = self
+            .summary
+            .iter()
+            .map(|s| {
+                format!(
+                    "    {{\"site\": \"{}\", \"layers\": {}, \"mean_kurtosis\": {}, \"mean_ratio\": {}}}",
+                    act_stats::site_name(s.site),
+                    s.layers,
+                    json_number(s.mean_kurtosis),
+                    json_number(s.mean_ratio),
+                )
+            })
+            .collect();
+        format!(
+            concat!(
+                "{{\n  \"model\": {},\n  \"text\": {},\n  \"tokens\": {},\n  \"tokens_in_text\": {},\n",
+                "  \"window\": {},\n  \"windows\": {},\n  \"threads\": {},\n  \"seconds\": {},\n",
+                "  \"sites\": [\n{}\n  ],\n  \"summary\": [\n{}\n  ]\n}}\n"
+            ),
+            json_string(&self.model.display().to_string()),
+            json_string(&self.text.display().to_string()),
+            self.tokens,
+            self.tokens_in_text,
+            self.window,
+            self.windows,
+            self.threads,
+            self.seconds,
+            sites.join(",\n"),
+            summary.join(",\n"),
+        )
+    }
+}
+
+/// `x` as a JSON number, or `null` when it is not finite (JSON has no NaN or infinity).
+fn json_number(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "null".to_string()
+    }
 }
 
 /// The text file as UTF-8, with a clear error for a missing, unreadable or empty file.
@@ -476,6 +697,38 @@ mod tests {
             let relative = (got.nll_sum - want.nll_sum).abs() / want.nll_sum;
             assert!(relative < 1e-6, "batched {} vs token by token {}", got.nll_sum, want.nll_sum);
         }
+    }
+
+    #[test]
+    fn act_stats_json_is_valid_and_complete() {
+        let stats = petrel_models::act_stats::ActStats::new(2);
+        use petrel_runtime::forward::{ActivationTap, TapSite};
+        stats.observe(0, TapSite::AttentionInput, &[1.0, -2.0, 3.0, 0.5], 2, 2);
+        stats.observe(1, TapSite::DownInput, &[0.0, 0.0, 4.0, 1.0], 2, 2);
+        let stats = stats.finish().unwrap();
+        let summary = act_stats::summarize(&stats);
+        let report = ActReport {
+            model: Path::new("m.gguf"),
+            text: Path::new("t \"x\".txt"),
+            tokens: 4,
+            tokens_in_text: 9,
+            window: 2,
+            windows: 2,
+            threads: 1,
+            seconds: 0.5,
+            stats: &stats,
+            summary: &summary,
+        };
+        let json: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
+        assert_eq!(json["sites"].as_array().unwrap().len(), 2);
+        assert_eq!(json["sites"][1]["site"], "down_in");
+        assert_eq!(json["sites"][1]["tokens"], 2);
+        // Row [0, 0] has no kurtosis, row [4, 1] has kurtosis 1.
+        assert_eq!(json["sites"][1]["mean_kurtosis"], 1.0);
+        assert_eq!(json["sites"][1]["ratio"], 4.0 / 2.5);
+        assert_eq!(json["summary"][0]["site"], "attn_in");
+        assert_eq!(json["text"], "t \"x\".txt");
+        assert_eq!(json_number(f64::INFINITY), "null");
     }
 
     #[test]

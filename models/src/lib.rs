@@ -1,6 +1,7 @@
 //! Petrel's model tooling: the model cache and downloads, and helpers shared by the
 //! `petrel` command-line tool and the benchmark.
 
+pub mod act_stats;
 pub mod quantize;
 pub mod registry;
 pub mod stats;

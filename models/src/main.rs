@@ -47,7 +47,8 @@ enum Command {
     /// Quantize a model to W4 (W4A4, W4A8, W4A16), optionally rotated (QuaRot) and with
     /// GPTQ, into a GGUF the runtime runs.
     Quantize(petrel_models::quantize::QuantizeArgs),
-    /// Measure a model's quality (`petrel eval ppl`: perplexity on a text file).
+    /// Measure a model (`petrel eval ppl`: perplexity on a text file; `petrel eval act-stats`:
+    /// activation outlier statistics per layer).
     Eval {
         #[command(subcommand)]
         command: eval::EvalCommand,
