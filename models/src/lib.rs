@@ -2,6 +2,9 @@
 //! `petrel` command-line tool and the benchmark.
 
 pub mod act_stats;
+pub mod bpe_train;
+pub mod corpus;
 pub mod quantize;
 pub mod registry;
 pub mod stats;
+pub mod train;

@@ -47,6 +47,9 @@ enum Command {
     /// Quantize a model to W4 (W4A4, W4A8, W4A16), optionally rotated (QuaRot) and with
     /// GPTQ, into a GGUF the runtime runs.
     Quantize(petrel_models::quantize::QuantizeArgs),
+    /// Train a small decoder from scratch (candle, CPU) with the W4A4 recipe (activation
+    /// QAT + kurtosis penalty) or plainly, and export it (f32 and W4A4 GGUF).
+    Train(Box<petrel_models::train::TrainArgs>),
     /// Measure a model (`petrel eval ppl`: perplexity on a text file; `petrel eval act-stats`:
     /// activation outlier statistics per layer).
     Eval {
@@ -143,6 +146,7 @@ fn main() {
         Command::Inspect { file, full } => inspect(&file, full),
         Command::Eval { command } => eval::run(command),
         Command::Quantize(args) => quantize(&args),
+        Command::Train(args) => petrel_models::train::run(&args),
     };
     if let Err(e) = result {
         // A closed pipe (`petrel inspect … | head`) is a normal way to stop reading.

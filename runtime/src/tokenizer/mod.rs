@@ -24,6 +24,7 @@ mod special;
 mod stream;
 mod vocab;
 
+pub use byte_level::{byte_to_char, char_to_byte};
 pub use chat::{format_chat, format_chat_into, ChatMessage};
 pub use error::TokenizerError;
 pub use pre_tokenizer::PreTokenizer;

@@ -1,0 +1,59 @@
+//! Training batches: windows of `context + 1` tokens cut from one token stream at offsets
+//! drawn from a generator seeded by `(seed, step)` — so the batch of any step is known
+//! without replaying the ones before it, which makes resuming exact.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use petrel_quant::rng::SplitMix64;
+use sha2::{Digest, Sha256};
+
+/// A summary of a token stream that changes if any token does: its length and SHA-256.
+pub fn fingerprint(tokens: &[u32]) -> String {
+    let mut hasher = Sha256::new();
+    for t in tokens {
+        hasher.update(t.to_le_bytes());
+    }
+    let hex: String = hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{} tokens, sha256 {hex}…", tokens.len())
+}
+
+/// Inputs and next-token targets, both `[batch, context]` u32.
+pub struct Batch {
+    /// Token ids fed to the model.
+    pub inputs: Tensor,
+    /// The token that follows each input.
+    pub targets: Tensor,
+}
+
+fn window_batch(tokens: &[u32], starts: impl Iterator<Item = usize>, context: usize) -> Result<Batch> {
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let mut rows = 0;
+    for start in starts {
+        inputs.extend_from_slice(&tokens[start..start + context]);
+        targets.extend_from_slice(&tokens[start + 1..start + context + 1]);
+        rows += 1;
+    }
+    Ok(Batch {
+        inputs: Tensor::from_vec(inputs, (rows, context), &Device::Cpu)?,
+        targets: Tensor::from_vec(targets, (rows, context), &Device::Cpu)?,
+    })
+}
+
+/// The training batch of `step`: `batch` windows at offsets uniform over the stream.
+pub fn training_batch(tokens: &[u32], seed: u64, step: usize, batch: usize, context: usize) -> Result<Batch> {
+    if tokens.len() <= context {
+        bail!("the training text has {} tokens; it needs more than the context ({context})", tokens.len());
+    }
+    let positions = (tokens.len() - context) as u64;
+    let mut rng = SplitMix64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let starts: Vec<usize> = (0..batch).map(|_| (rng.next() % positions) as usize).collect();
+    window_batch(tokens, starts.into_iter(), context)
+}
+
+/// Held-out batches for the loss logged during training: consecutive, non-overlapping
+/// windows from the start of the held-out stream, `batch` per batch, at most `batches`.
+pub fn heldout_batches(tokens: &[u32], batches: usize, batch: usize, context: usize) -> Result<Vec<Batch>> {
+    let windows = (tokens.len().saturating_sub(1) / context).min(batches * batch);
+    let starts: Vec<usize> = (0..windows).map(|w| w * context).collect();
+    starts.chunks(batch).map(|chunk| window_batch(tokens, chunk.iter().copied(), context)).collect()
+}

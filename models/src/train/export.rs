@@ -1,0 +1,56 @@
+//! Writing a trained decoder as a GGUF file the runtime runs: `llama` metadata, the
+//! tokenizer, and the block tensors in f32 under llama.cpp's names. The embedding doubles
+//! as the head (no `output.weight`), as in SmolLM2. Clip pairs are training state and are
+//! not exported.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use petrel_runtime::gguf::{GgufFile, TensorType};
+use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
+use petrel_runtime::Model;
+
+use super::model::Decoder;
+use crate::bpe_train::TrainedTokenizer;
+
+/// Writes `decoder` and `tokenizer` to `path` (temp file, load check, rename); `notes` are
+/// extra string metadata (provenance such as the command and step count).
+pub fn write_gguf(
+    path: &Path,
+    decoder: &Decoder,
+    tokenizer: &TrainedTokenizer,
+    notes: &[(&str, String)],
+) -> Result<()> {
+    let s = &decoder.shape;
+    let mut w = GgufWriter::new();
+    let u32_of = |n: usize| MetadataValue::U32(n as u32);
+    w.metadata("general.architecture", MetadataValue::String("llama".into()))
+        .metadata("general.name", MetadataValue::String("petrel-tiny".into()))
+        .metadata("llama.block_count", u32_of(s.layers))
+        .metadata("llama.embedding_length", u32_of(s.dim))
+        .metadata("llama.feed_forward_length", u32_of(s.ffn_dim))
+        .metadata("llama.attention.head_count", u32_of(s.heads))
+        .metadata("llama.attention.head_count_kv", u32_of(s.kv_heads))
+        .metadata("llama.rope.dimension_count", u32_of(s.head_dim()))
+        .metadata("llama.rope.freq_base", MetadataValue::F32(s.rope_base))
+        .metadata("llama.attention.layer_norm_rms_epsilon", MetadataValue::F32(s.norm_eps))
+        .metadata("llama.context_length", u32_of(s.context));
+    for (key, value) in notes {
+        w.metadata(key, MetadataValue::String(value.clone()));
+    }
+    tokenizer.write_metadata(&mut w);
+    for p in decoder.params.iter().filter(|p| !p.name.contains(".clip.")) {
+        let t = p.var.as_tensor();
+        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let dims: Vec<u64> = t.dims().iter().rev().map(|&d| d as u64).collect();
+        w.tensor(&p.name, &dims, TensorType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    }
+    let bytes = w.to_bytes();
+    let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("exported file does not parse: {e}"))?;
+    Model::load(&file).map_err(|e| anyhow::anyhow!("the runtime rejects the exported file: {e}"))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
