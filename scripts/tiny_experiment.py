@@ -12,7 +12,7 @@ time with one thread each (the machine has two cores). Then every model is score
 
     python3 scripts/fetch_corpora.py
     cargo build --release -p petrel-models
-    python3 scripts/tiny_experiment.py [--steps 3000] [--out ~/.cache/petrel/tiny]
+    python3 scripts/tiny_experiment.py [--steps 1600] [--out ~/.cache/petrel/tiny]
 """
 import argparse
 import hashlib
@@ -46,9 +46,9 @@ def sha256(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--out", type=Path, default=HOME / "tiny")
-    ap.add_argument("--tokens", type=int, default=65536, help="held-out tokens scored per model")
+    ap.add_argument("--tokens", type=int, default=10**9, help="held-out tokens scored per model (default: all)")
     ap.add_argument("--stats-tokens", type=int, default=8192, help="held-out tokens for act-stats")
     ap.add_argument("--skip-training", action="store_true", help="reuse finished runs in --out")
     ap.add_argument("--commit-model", action="store_true", help="copy the tiny run's files to models/petrel-tiny/")

@@ -50,10 +50,15 @@ pub fn training_batch(tokens: &[u32], seed: u64, step: usize, batch: usize, cont
     window_batch(tokens, starts.into_iter(), context)
 }
 
-/// Held-out batches for the loss logged during training: consecutive, non-overlapping
-/// windows from the start of the held-out stream, `batch` per batch, at most `batches`.
+/// Held-out batches for the loss logged during training: `batches · batch` windows spread
+/// evenly over the whole held-out stream (so that every corpus in it is represented).
 pub fn heldout_batches(tokens: &[u32], batches: usize, batch: usize, context: usize) -> Result<Vec<Batch>> {
-    let windows = (tokens.len().saturating_sub(1) / context).min(batches * batch);
-    let starts: Vec<usize> = (0..windows).map(|w| w * context).collect();
+    let available = tokens.len().saturating_sub(context);
+    let windows = (batches * batch).min(available / context.max(1));
+    if windows == 0 {
+        bail!("the held-out text has {} tokens; it needs more than the context ({context})", tokens.len());
+    }
+    let spacing = available / windows;
+    let starts: Vec<usize> = (0..windows).map(|w| w * spacing).collect();
     starts.chunks(batch).map(|chunk| window_batch(tokens, chunk.iter().copied(), context)).collect()
 }

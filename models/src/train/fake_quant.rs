@@ -12,7 +12,9 @@ use candle_core::{Result, Tensor};
 /// Quantization levels of a 4-bit quantizer.
 pub const LEVELS: f64 = 15.0;
 
-/// Fake-quantizes `x` with the clip pair `clip = [lo, hi]` (a 2-element tensor).
+/// Fake-quantizes `x` with the clip pair `clip = [lo, hi]` (a 2-element tensor), composed
+/// from candle operations: the definition. The trainer runs the fused equivalent
+/// ([`super::fused::fake_quantize`]), which a test checks against this one.
 pub fn fake_quantize(x: &Tensor, clip: &Tensor) -> Result<Tensor> {
     let lo = clip.narrow(0, 0, 1)?;
     let hi = clip.narrow(0, 1, 1)?;

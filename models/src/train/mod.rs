@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod export;
 pub mod fake_quant;
+pub mod fused;
 pub mod model;
 pub mod optim;
 pub mod trainer;
@@ -95,7 +96,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 256)]
     pub context: usize,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1600)]
     pub steps: usize,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]

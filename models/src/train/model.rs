@@ -1,7 +1,8 @@
 //! The decoder the trainer optimizes, written with candle operations that all have a
-//! backward pass: candle's fused RmsNorm, softmax and rotary kernels have none, so norms,
-//! softmax and RoPE are spelled out here (a test checks that every parameter gets a
-//! gradient).
+//! backward pass: candle's fused RmsNorm, softmax and rotary kernels have none, so norms
+//! and RoPE are spelled out here, and the causal softmax and the cross-entropy are our own
+//! fused operations with backward passes ([`super::fused`]). A test checks that every
+//! parameter gets a gradient.
 //!
 //! The computation is the runtime's (`petrel_runtime::forward`): pre-norm blocks,
 //! interleaved-pair RoPE on the first `head_dim` values of each head, grouped-query
@@ -12,7 +13,8 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use petrel_quant::rng::SplitMix64;
 
 use super::config::ModelShape;
-use super::fake_quant::{fake_quantize, initial_clip};
+use super::fake_quant::initial_clip;
+use super::fused::{self, causal_softmax, fake_quantize};
 
 /// Standard deviation of the initial weights (GPT-2's); output projections are further
 /// scaled by `1/√(2·layers)`.
@@ -40,7 +42,6 @@ pub struct Decoder {
     pub params: Vec<Parameter>,
     rope_cos: Tensor,
     rope_sin: Tensor,
-    causal_mask: Tensor,
 }
 
 /// What a forward pass computes besides the logits.
@@ -131,15 +132,7 @@ impl Decoder {
             candle_core::bail!("{} parameters, expected {expected}", params.len());
         }
         let (cos, sin) = rope_tables(&shape)?;
-        let t = shape.context;
-        let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-        Ok(Decoder {
-            causal_mask: Tensor::from_vec(mask, (t, t), &Device::Cpu)?,
-            rope_cos: cos,
-            rope_sin: sin,
-            shape,
-            params,
-        })
+        Ok(Decoder { rope_cos: cos, rope_sin: sin, shape, params })
     }
 
     fn block(&self, layer: usize, which: usize) -> &Tensor {
@@ -175,7 +168,6 @@ impl Decoder {
         let (hd, h, kvh) = (s.head_dim(), s.heads, s.kv_heads);
         let cos = self.rope_cos.narrow(0, 0, t)?;
         let sin = self.rope_sin.narrow(0, 0, t)?;
-        let mask = self.causal_mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
         let mut kurtosis_terms: Vec<Tensor> = Vec::new();
         let mut x = self.embedding().embedding(&tokens.flatten_all()?)?.reshape((batch, t, s.dim))?;
         for l in 0..s.layers {
@@ -192,7 +184,7 @@ impl Decoder {
                 fake_quantize(a, clip.as_tensor())
             };
             let mut linear = |a: &Tensor, weight: &Tensor| -> Result<Tensor> {
-                let out = a.broadcast_matmul(&weight.t()?)?;
+                let out = matmul_rows(a, weight)?;
                 if options.kurtosis {
                     kurtosis_terms.push(mean_kurtosis(&out)?);
                 }
@@ -207,8 +199,8 @@ impl Decoder {
             let q = rope(&q, &cos, &sin)?;
             let k = repeat_kv(&rope(&k, &cos, &sin)?, h / kvh)?;
             let v = repeat_kv(&v.contiguous()?, h / kvh)?;
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&mask)?;
-            let attended = softmax_last(&scores)?.matmul(&v)?;
+            let probs = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f32).sqrt())?;
+            let attended = probs.matmul(&v)?;
             let attended = attended.transpose(1, 2)?.reshape((batch, t, s.dim))?;
             let attended = quantize_input(&attended, 1)?;
             x = (x + linear(&attended, w(BlockIndex::O))?)?;
@@ -221,7 +213,7 @@ impl Decoder {
             x = (x + linear(&hidden, w(BlockIndex::DOWN))?)?;
         }
         let x = rms_norm(&x, self.output_norm(), s.norm_eps)?;
-        let logits = x.broadcast_matmul(&self.embedding().t()?)?;
+        let logits = matmul_rows(&x, self.embedding())?;
         let kurtosis = if options.kurtosis && !kurtosis_terms.is_empty() {
             let n = kurtosis_terms.len() as f64;
             Some((Tensor::stack(&kurtosis_terms, 0)?.sum_all()? / n)?)
@@ -232,18 +224,18 @@ impl Decoder {
     }
 }
 
+/// `a · weightᵀ` for activations `[batch, T, in]` and a weight `[out, in]`, as one 2-D
+/// matmul over all tokens (a batched matmul would first broadcast the weight).
+fn matmul_rows(a: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = a.dims3()?;
+    a.reshape((b * t, d))?.matmul(&weight.t()?)?.reshape((b, t, weight.dim(0)?))
+}
+
 /// `x / √(mean(x²) + ε) · gain` over the last dimension.
 fn rms_norm(x: &Tensor, gain: &Tensor, eps: f32) -> Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (mean_square + eps as f64)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(gain)
-}
-
-/// Softmax over the last dimension; the subtracted maximum is a constant for the gradient.
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 /// Cos and sin of RoPE's angles, `[context, head_dim / 2]`, computed exactly as the
@@ -288,21 +280,12 @@ fn repeat_kv(x: &Tensor, times: usize) -> Result<Tensor> {
 /// Mean over all tokens of the kurtosis across the last dimension,
 /// `E[(x−μ)⁴] / E[(x−μ)²]²` (3 for a Gaussian; large when a few channels dominate).
 pub fn mean_kurtosis(x: &Tensor) -> Result<Tensor> {
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let c2 = centered.sqr()?;
-    let m2 = c2.mean_keepdim(D::Minus1)?;
-    let m4 = c2.sqr()?.mean_keepdim(D::Minus1)?;
-    (m4 / (m2.sqr()? + 1e-12)?)?.mean_all()
+    fused::mean_kurtosis(x)
 }
 
 /// Mean cross-entropy (natural log) of `logits` (`[batch, T, vocab]`) against `targets`
 /// (`[batch, T]` u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let vocab = logits.dim(D::Minus1)?;
-    let logits = logits.reshape(((), vocab))?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.flatten_all()?.unsqueeze(1)?, 1)?;
-    (log_z - picked)?.mean_all()
+    fused::cross_entropy(&logits.reshape(((), vocab))?, &targets.flatten_all()?)
 }
