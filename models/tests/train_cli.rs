@@ -84,7 +84,7 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
         .find_map(|l| l.strip_prefix("resuming at step "))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no resume line in: {}", stderr(&o)));
-    assert!(resumed_at > 0 && resumed_at % 20 == 0 && resumed_at < steps, "resumed at {resumed_at}");
+    assert!(resumed_at > 0 && resumed_at.is_multiple_of(20) && resumed_at < steps, "resumed at {resumed_at}");
 
     let a = std::fs::read(whole.join("model-f32.gguf")).unwrap();
     let b = std::fs::read(killed.join("model-f32.gguf")).unwrap();
@@ -105,8 +105,7 @@ fn finished_run_writes_a_w4a4_model_and_refuses_to_start_over() {
     let last_step = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "step")
-        .last()
+        .rfind(|v| v["event"] == "step")
         .expect("step lines");
     assert_eq!(last_step["step"], 30);
     assert!(last_step["tokens_per_s"].as_f64().unwrap() > 0.0);
