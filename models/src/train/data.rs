@@ -45,7 +45,10 @@ pub fn training_batch(tokens: &[u32], seed: u64, step: usize, batch: usize, cont
         bail!("the training text has {} tokens; it needs more than the context ({context})", tokens.len());
     }
     let positions = (tokens.len() - context) as u64;
-    let mut rng = SplitMix64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // The step's stream starts at a hash of (seed, step): seeding with `seed ^ step·γ`
+    // directly (γ being SplitMix64's own increment) would make step s+1 draw 15 of step
+    // s's 16 windows again.
+    let mut rng = SplitMix64(SplitMix64(seed ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)).next());
     let starts: Vec<usize> = (0..batch).map(|_| (rng.next() % positions) as usize).collect();
     window_batch(tokens, starts.into_iter(), context)
 }
@@ -61,4 +64,33 @@ pub fn heldout_batches(tokens: &[u32], batches: usize, batch: usize, context: us
     let spacing = available / windows;
     let starts: Vec<usize> = (0..windows).map(|w| w * spacing).collect();
     starts.chunks(batch).map(|chunk| window_batch(tokens, chunk.iter().copied(), context)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_draw_fresh_windows() -> Result<()> {
+        let tokens: Vec<u32> = (0..100_000).collect();
+        let mut seen = std::collections::HashSet::new();
+        let (steps, batch) = (50, 16);
+        for step in 0..steps {
+            let b = training_batch(&tokens, 0, step, batch, 8)?;
+            let inputs: Vec<u32> = b.inputs.flatten_all()?.to_vec1()?;
+            let targets: Vec<u32> = b.targets.flatten_all()?.to_vec1()?;
+            for (row, (i, t)) in inputs.chunks(8).zip(targets.chunks(8)).enumerate() {
+                assert!(i.windows(2).all(|w| w[1] == w[0] + 1), "step {step} row {row}: not a window");
+                assert_eq!(t[0], i[0] + 1, "targets are the next tokens");
+                seen.insert(i[0]);
+            }
+        }
+        // 800 draws from 99,992 offsets: a handful of coincidences at most.
+        assert!(seen.len() >= steps * batch - 10, "only {} distinct windows", seen.len());
+        assert_eq!(
+            training_batch(&tokens, 0, 7, batch, 8)?.inputs.to_vec2::<u32>()?,
+            training_batch(&tokens, 0, 7, batch, 8)?.inputs.to_vec2::<u32>()?
+        );
+        Ok(())
+    }
 }

@@ -190,3 +190,30 @@ fn exported_file_runs_in_the_runtime_with_the_trainers_logits() -> anyhow::Resul
     assert!(scale > 1.0 && worst <= 1e-4 * scale, "largest logit difference {worst} (scale {scale})");
     Ok(())
 }
+
+#[test]
+fn later_tokens_do_not_change_earlier_logits() -> anyhow::Result<()> {
+    let shape = toy_shape();
+    let decoder = Decoder::new(shape.clone(), 4)?;
+    for p in decoder.params.iter().filter(|p| p.decay) {
+        p.var.set(&(p.var.as_tensor() * 8.0)?)?;
+    }
+    let tokens = toy_tokens(shape.vocab as u32);
+    let (b, t) = (3, shape.context);
+    let mut changed = tokens[..b * t].to_vec();
+    for row in 0..b {
+        changed[row * t + t - 1] = (changed[row * t + t - 1] + 1) % shape.vocab as u32;
+        changed[row * t + t - 2] = (changed[row * t + t - 2] + 7) % shape.vocab as u32;
+    }
+    for options in [ForwardOptions::default(), ForwardOptions { fake_quant: true, kurtosis: true }] {
+        let logits = |ids: &[u32]| -> anyhow::Result<Tensor> {
+            Ok(decoder.forward(&Tensor::from_vec(ids.to_vec(), (b, t), &Device::Cpu)?, options)?.logits)
+        };
+        let (a, c) = (logits(&tokens[..b * t])?, logits(&changed)?);
+        let early = (a.narrow(1, 0, t - 2)? - c.narrow(1, 0, t - 2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let late = (a.narrow(1, t - 2, 2)? - c.narrow(1, t - 2, 2)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(early, 0.0, "positions before the change must not see it ({options:?})");
+        assert!(late > 0.0);
+    }
+    Ok(())
+}
