@@ -32,12 +32,12 @@ CORPORA = HOME / "corpora"
 PROMPTS = ["The king said", "It is a truth universally acknowledged", "And God said", "She looked at him and"]
 
 
-def sh(cmd):
+def sh(cmd, stdout_only=False):
     print("$", " ".join(str(c) for c in cmd), flush=True)
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {done.stderr[-3000:]}")
-    return done.stdout + done.stderr
+    return done.stdout if stdout_only else done.stdout + done.stderr
 
 
 def sha256(path):
@@ -82,10 +82,24 @@ def main():
     for name, run in runs.items():
         log = [json.loads(l) for l in open(run / "log.jsonl")]
         steps = [e for e in log if e["event"] == "step"]
+        start = next(e for e in log if e["event"] == "start")
+        shape = start["shape"]
+        # Matmul FLOPs of one token's forward pass (ModelShape::forward_flops_per_token).
+        kv = shape["kv_heads"] * shape["dim"] // shape["heads"]
+        forward = 2 * (shape["layers"] * (2 * shape["dim"] ** 2 + 2 * shape["dim"] * kv + 3 * shape["dim"] * shape["ffn_dim"])
+                       + shape["layers"] * 2 * shape["context"] * shape["dim"] + shape["vocab"] * shape["dim"])
+        forward = start.get("forward_flops_per_token", forward)
+        rate = sum(e["tokens_per_s"] for e in steps[-10:]) / min(10, len(steps))
         logs[name] = {"final_train_loss": steps[-1]["cross_entropy"], "tokens": steps[-1]["tokens"],
-                      "tokens_per_s": sum(e["tokens_per_s"] for e in steps[-10:]) / min(10, len(steps)),
-                      "minutes": steps[-1]["elapsed_s"] / 60}
-        for kind in ("f32", "w4a4"):
+                      "tokens_per_s": rate, "minutes": steps[-1]["elapsed_s"] / 60,
+                      "parameters": start["parameters"], "train_gflops": 3 * forward * rate / 1e9,
+                      "heldout_loss": [e for e in log if e["event"] == "eval"][-1]["heldout_loss"]}
+        # Beyond the paper: the same PTQ after QuaRot's rotations, as used for SmolLM2.
+        rotated = run / "model-w4a4-rotated.gguf"
+        sh([PETREL, "quantize", run / "model-f32.gguf", rotated, "--scheme", "w4a4", "--rotate", "--group", "32",
+            "--act-clip", "1.0", "--gptq", "--calib", CORPORA / "train.txt", "--calib-tokens", "16384",
+            "--calib-seq-len", "256"])
+        for kind in ("f32", "w4a4", "w4a4-rotated"):
             model = run / f"model-{kind}.gguf"
             out = run / f"ppl-{kind}.json"
             sh([PETREL, "eval", "ppl", "--model", model, "--text", heldout, "--window", "256", "--stride", "128",
@@ -98,14 +112,17 @@ def main():
         stats[name] = json.loads(out.read_text())
         samples[name] = []
         for prompt in PROMPTS:
-            text = sh([PETREL, "run", "--raw", "--model", run / "model-w4a4.gguf", "-n", "48", "--threads", "1", prompt])
-            samples[name].append({"prompt": prompt, "text": text.split("\n\n")[0].strip()})
+            text = sh([PETREL, "run", "--raw", "--model", run / "model-w4a4.gguf", "-n", "48", "--threads", "1", prompt],
+                      stdout_only=True)
+            samples[name].append({"prompt": prompt, "text": prompt + text.rstrip()})
 
     by = {(r["run"], r["kind"]): r["perplexity"] for r in rows}
     label = {("standard", "f32"): "(a) standard training, full precision",
              ("standard", "w4a4"): "(b) standard training + W4A4 PTQ",
              ("tiny", "f32"): "(c) QAT + kurtosis, full precision",
-             ("tiny", "w4a4"): "(d) QAT + kurtosis + W4A4 PTQ"}
+             ("tiny", "w4a4"): "(d) QAT + kurtosis + W4A4 PTQ",
+             ("standard", "w4a4-rotated"): "(b′) standard training + QuaRot + W4A4 PTQ",
+             ("tiny", "w4a4-rotated"): "(d′) QAT + kurtosis + QuaRot + W4A4 PTQ"}
     md = ["| model | held-out perplexity | vs (a) | file |", "|---|---|---|---|"]
     for r in rows:
         key = (r["run"], r["kind"])
@@ -120,12 +137,14 @@ def main():
         md.append(f"| {a['layer']} | {a['site']} | {a['mean_kurtosis']:.2f} | {c['mean_kurtosis']:.2f} | "
                   f"{a['ratio']:.2f} | {c['ratio']:.2f} |")
     md += ["", "Training (one thread each, both at once): " + ", ".join(
-        f"{n} {l['tokens'] / 1e6:.2f} M tokens in {l['minutes']:.1f} min ({l['tokens_per_s']:.0f} tokens/s), "
-        f"final train loss {l['final_train_loss']:.3f}" for n, l in logs.items()), ""]
+        f"{n} {l['tokens'] / 1e6:.2f} M tokens in {l['minutes']:.1f} min ({l['tokens_per_s']:.0f} tokens/s, "
+        f"{l['train_gflops']:.1f} GFLOP/s of matmuls), final train loss {l['final_train_loss']:.3f}"
+        for n, l in logs.items()), ""]
     md += ["Greedy samples from the W4A4 files:", ""]
     for name in runs:
         for s in samples[name]:
-            md.append(f"- {name}: {s['text']!r}")
+            shown = s["text"].replace("\n", " ⏎ ")
+            md.append(f"- {name}: {shown}")
     report = {"rows": rows, "act_stats": stats, "training": logs, "samples": samples,
               "commands": {n: " ".join(str(c) for c in cmd[1:]) for n, cmd in commands.items()}}
     results = ROOT / "bench/results"

@@ -11,6 +11,11 @@
 //! Recipes: `tiny` = QAT of every linear input (4-bit, learned clips, straight-through) +
 //! kurtosis penalty on every linear output; `standard` = neither. Both train the same
 //! model on the same batches; any setting can be overridden.
+//!
+//! Training runs on candle's CPU device. The fused operations that make it fast
+//! ([`fused`]) have CPU implementations only, so candle's `cuda` and `metal` features are
+//! not offered here; the composed candle forms they replace (in their tests) are what a GPU
+//! path would use.
 
 pub mod checkpoint;
 pub mod config;
@@ -265,7 +270,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     append_log(
         &mut log,
         json!({"event": "start", "step": trainer.step, "shape": shape, "settings": settings,
-               "parameters": shape.parameters(), "train_tokens": tokens.len(), "data": fingerprint,
+               "parameters": shape.parameters(), "forward_flops_per_token": shape.forward_flops_per_token(),
+               "train_tokens": tokens.len(), "data": fingerprint,
                "threads": candle_core::utils::get_num_threads()}),
     )?;
     let eval_set = data::heldout_batches(&heldout, args.eval_batches, settings.batch, shape.context)?;
