@@ -19,7 +19,7 @@ use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::ActivationBatch;
 use crate::linear::Gather;
-use crate::model::Model;
+use crate::model::{LayerWeights, Model};
 use crate::ops;
 use crate::parallel::{Member, Team};
 
@@ -228,6 +228,7 @@ fn forward_batch(
     for (l, layer) in model.layers.iter().enumerate() {
         // Attention.
         ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
+        clip_input(layer, 0, &mut s.xb[..n * dim]);
         s.act.load(&s.xb, n, dim);
         tap(compute, member, l, TapSite::AttentionInput, &s.xb[..n * dim], n, dim);
         layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
@@ -251,6 +252,7 @@ fn forward_batch(
             ops::attend_batch(&compute.float, out, &s.q[..n * dim], keys, values, shape, position, mine);
         }
         member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
+        clip_input(layer, 1, &mut s.att[..n * dim]);
         s.act.load(&s.att, n, dim);
         tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * dim], n, dim);
         layer.wo.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
@@ -258,6 +260,7 @@ fn forward_batch(
 
         // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
         ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
+        clip_input(layer, 2, &mut s.xb[..n * dim]);
         s.act.load(&s.xb, n, dim);
         tap(compute, member, l, TapSite::MlpInput, &s.xb[..n * dim], n, dim);
         layer.w_gate.matmul(compute, &mut s.act, &mut s.gate, member, Gather::None);
@@ -280,10 +283,21 @@ fn forward_batch(
                 member.all_gather(&mut s.gate[..n * ffn], 1, n, ffn);
             }
         }
+        clip_input(layer, 3, &mut s.gate[..n * ffn]);
         s.act.load(&s.gate, n, ffn);
         tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);
         layer.w_down.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
         ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+    }
+}
+
+/// Clamps a linear input to the layer's learned clip `site` (0 = q/k/v, 1 = o,
+/// 2 = gate/up, 3 = down), if the model has them. Every member clamps its own full copy.
+#[inline]
+fn clip_input(layer: &LayerWeights<'_>, site: usize, rows: &mut [f32]) {
+    if let Some(clips) = &layer.activation_clips {
+        let [lo, hi] = clips[site];
+        rows.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
     }
 }
 

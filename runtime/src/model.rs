@@ -33,6 +33,8 @@ pub enum ModelError {
     UnsupportedTensorType { tensor: String, ty: &'static str },
     /// A W4 tensor whose codes or scales are malformed.
     BadW4Tensor { tensor: String, reason: W4Error },
+    /// A tensor whose values are impossible (non-finite, out of order).
+    BadTensorValues { tensor: String, reason: &'static str },
 }
 
 impl fmt::Display for ModelError {
@@ -43,6 +45,7 @@ impl fmt::Display for ModelError {
             ModelError::UnsupportedArchitecture(a) => write!(f, "unsupported architecture {a:?} (supported: llama)"),
             ModelError::MissingMetadata(k) => write!(f, "metadata key {k:?} is missing"),
             ModelError::BadMetadata { key, reason } => write!(f, "metadata key {key:?} is invalid: {reason}"),
+            ModelError::BadTensorValues { tensor, reason } => write!(f, "tensor {tensor:?} is invalid: {reason}"),
             ModelError::MissingTensor(t) => write!(f, "tensor {t:?} is missing"),
             ModelError::BadTensorShape { tensor, expected, found } => {
                 write!(f, "tensor {tensor:?} has shape {found:?}, expected {expected:?}")
@@ -91,6 +94,11 @@ pub struct LayerWeights<'a> {
     pub w_up: Linear<'a>,
     /// SwiGLU down projection, `dim × ffn_dim`.
     pub w_down: Linear<'a>,
+    /// Learned activation clips of a model trained with activation QAT (tensor
+    /// `blk.N.act_clip`, 8 f32): `[lo, hi]` for the inputs of q/k/v, o, gate/up and down,
+    /// in that order. The forward pass clamps each input to its range before the linear
+    /// layers read it, as training did; `None` for models without them.
+    pub activation_clips: Option<[[f32; 2]; 4]>,
 }
 
 /// A loaded model: hyper-parameters, weights borrowed from the file, and the tokenizer.
@@ -155,6 +163,7 @@ impl<'a> Model<'a> {
                 w_gate: linear(&name("ffn_gate.weight"), ffn, dim)?,
                 w_up: linear(&name("ffn_up.weight"), ffn, dim)?,
                 w_down: linear(&name("ffn_down.weight"), dim, ffn)?,
+                activation_clips: activation_clips(file, &name("act_clip"), down_hadamard.is_some())?,
             });
         }
         let output_norm = vector(tensor("output_norm.weight")?, dim)?;
@@ -170,6 +179,27 @@ impl<'a> Model<'a> {
             .sum();
         per_layer + self.output.bytes() + self.token_embedding.row_bytes()
     }
+}
+
+/// Reads an optional `blk.N.act_clip` tensor: 8 finite f32 forming four `lo < hi` pairs.
+/// A rotated model cannot have them: the clips hold in the basis the model was trained in.
+fn activation_clips(file: &GgufFile<'_>, name: &str, rotated: bool) -> Result<Option<[[f32; 2]; 4]>, ModelError> {
+    let Some(t) = file.tensor(name) else {
+        return Ok(None);
+    };
+    let values = vector(t, 8)?;
+    let bad = |reason| ModelError::BadTensorValues { tensor: name.to_string(), reason };
+    if rotated {
+        return Err(bad("learned activation clips cannot be combined with a rotated model"));
+    }
+    let mut clips = [[0f32; 2]; 4];
+    for (clip, pair) in clips.iter_mut().zip(values.chunks_exact(2)) {
+        if !(pair[0].is_finite() && pair[1].is_finite() && pair[0] < pair[1]) {
+            return Err(bad("each activation clip must be a finite pair lo < hi"));
+        }
+        *clip = [pair[0], pair[1]];
+    }
+    Ok(Some(clips))
 }
 
 /// Copies a 1-D F32 (or F16) tensor of `len` values.

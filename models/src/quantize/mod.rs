@@ -185,6 +185,9 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
     let model = Model::load(&gguf).with_context(|| format!("cannot load {}", args.input.display()))?;
     eprintln!("dequantizing {} …", args.input.display());
     let mut master = MasterWeights::from_model(&model);
+    if args.rotate && model.layers.iter().any(|l| l.activation_clips.is_some()) {
+        bail!("{} has learned activation clips (activation QAT): they hold in the unrotated basis, so --rotate does not apply", args.input.display());
+    }
     if args.rotate {
         eprintln!("rotating (QuaRot, seed {}) …", args.seed);
         master.rotate(args.seed)?;
@@ -333,6 +336,17 @@ fn write_model(
             TensorType::F32,
             f32_bytes(&layer.ffn_norm),
         );
+        // Learned activation clips (activation QAT) pass through unchanged.
+        let clips_name = format!("blk.{l}.act_clip");
+        if let Some(clips) = source.tensor(&clips_name) {
+            let values: Vec<f32> = match clips.ty {
+                TensorType::F16 => {
+                    clips.data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+                }
+                _ => clips.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            };
+            w.tensor(&clips_name, &[values.len() as u64], TensorType::F32, f32_bytes(&values));
+        }
         for (suffix, m) in layer.linears() {
             let name = format!("blk.{l}.{suffix}.weight");
             bar.set_message(name.clone());

@@ -1,7 +1,7 @@
 //! Writing a trained decoder as a GGUF file the runtime runs: `llama` metadata, the
 //! tokenizer, and the block tensors in f32 under llama.cpp's names. The embedding doubles
-//! as the head (no `output.weight`), as in SmolLM2. Clip pairs are training state and are
-//! not exported.
+//! as the head (no `output.weight`), as in SmolLM2. A QAT model's learned clips become
+//! `blk.N.act_clip` tensors.
 
 use std::path::Path;
 
@@ -10,15 +10,18 @@ use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::Model;
 
-use super::model::Decoder;
+use super::model::{Decoder, CLIP_SITES};
 use crate::bpe_train::TrainedTokenizer;
 
-/// Writes `decoder` and `tokenizer` to `path` (temp file, load check, rename); `notes` are
-/// extra string metadata (provenance such as the command and step count).
+/// Writes `decoder` and `tokenizer` to `path` (temp file, load check, rename). With
+/// `activation_clips` (models trained with QAT), each block's four learned clip pairs go
+/// into `blk.N.act_clip` (8 f32: q/k/v, o, gate/up, down inputs), which the runtime clamps
+/// those inputs to. `notes` are extra string metadata (provenance).
 pub fn write_gguf(
     path: &Path,
     decoder: &Decoder,
     tokenizer: &TrainedTokenizer,
+    activation_clips: bool,
     notes: &[(&str, String)],
 ) -> Result<()> {
     let s = &decoder.shape;
@@ -39,11 +42,23 @@ pub fn write_gguf(
         w.metadata(key, MetadataValue::String(value.clone()));
     }
     tokenizer.write_metadata(&mut w);
+    let f32_bytes = |values: &[f32]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
     for p in decoder.params.iter().filter(|p| !p.name.contains(".clip.")) {
         let t = p.var.as_tensor();
         let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
         let dims: Vec<u64> = t.dims().iter().rev().map(|&d| d as u64).collect();
-        w.tensor(&p.name, &dims, TensorType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect());
+        w.tensor(&p.name, &dims, TensorType::F32, f32_bytes(&values));
+    }
+    if activation_clips {
+        for l in 0..s.layers {
+            let mut clips = Vec::with_capacity(8);
+            for site in CLIP_SITES {
+                let name = format!("blk.{l}.clip.{site}");
+                let p = decoder.params.iter().find(|p| p.name == name).context("missing clip parameter")?;
+                clips.extend(p.var.as_tensor().to_vec1::<f32>()?);
+            }
+            w.tensor(&format!("blk.{l}.act_clip"), &[8], TensorType::F32, f32_bytes(&clips));
+        }
     }
     let bytes = w.to_bytes();
     let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("exported file does not parse: {e}"))?;

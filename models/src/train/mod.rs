@@ -320,7 +320,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         ("petrel.train.settings", serde_json::to_string(&settings)?),
     ];
     let f32_path = args.out.join("model-f32.gguf");
-    export::write_gguf(&f32_path, &trainer.decoder, &tokenizer, &notes)?;
+    export::write_gguf(&f32_path, &trainer.decoder, &tokenizer, settings.qat, &notes)?;
     eprintln!("wrote {}", f32_path.display());
     if args.w4a4 {
         let w4_path = args.out.join("model-w4a4.gguf");

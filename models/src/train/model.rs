@@ -49,6 +49,9 @@ pub struct Decoder {
 pub struct ForwardOptions {
     /// Fake-quantize every linear input to 4 bits with the learned clips.
     pub fake_quant: bool,
+    /// Without `fake_quant`: clamp every linear input to its learned clips (what the
+    /// runtime does with an exported QAT model before its own activation quantization).
+    pub clamp: bool,
     /// Return the mean kurtosis of the linear layers' outputs.
     pub kurtosis: bool,
 }
@@ -151,7 +154,7 @@ impl Decoder {
     /// (`[batch, T]` u32), layer by layer as the quantized forward pass would see it.
     /// Done once with ratio 1, before the first step of a QAT run.
     pub fn calibrate_clips(&self, tokens: &Tensor, ratio: f32) -> Result<()> {
-        self.run(tokens, ForwardOptions { fake_quant: true, kurtosis: false }, Some(ratio))?;
+        self.run(tokens, ForwardOptions { fake_quant: true, ..ForwardOptions::default() }, Some(ratio))?;
         Ok(())
     }
 
@@ -173,10 +176,14 @@ impl Decoder {
         for l in 0..s.layers {
             let w = |i: usize| self.block(l, i);
             let quantize_input = |a: &Tensor, site: usize| -> Result<Tensor> {
-                if !options.fake_quant {
-                    return Ok(a.clone());
-                }
                 let clip = &self.params[1 + l * BlockIndex::LEN + BlockIndex::CLIPS + site].var;
+                if !options.fake_quant {
+                    if !options.clamp {
+                        return Ok(a.clone());
+                    }
+                    let (lo, hi) = (clip.as_tensor().narrow(0, 0, 1)?, clip.as_tensor().narrow(0, 1, 1)?);
+                    return a.broadcast_maximum(&lo)?.broadcast_minimum(&hi);
+                }
                 if let Some(ratio) = calibrate {
                     let [lo, hi] = initial_clip(a)?;
                     clip.set(&Tensor::new(&[lo * ratio, hi * ratio], &Device::Cpu)?)?;

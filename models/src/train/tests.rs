@@ -48,7 +48,7 @@ fn every_parameter_receives_a_nonzero_gradient() -> anyhow::Result<()> {
     // both ends (their gradient goes to the clips).
     decoder.calibrate_clips(&inputs, 0.5)?;
     let targets = Tensor::from_vec(tokens[1..33].to_vec(), (2, 16), &Device::Cpu)?;
-    let out = decoder.forward(&inputs, ForwardOptions { fake_quant: true, kurtosis: true })?;
+    let out = decoder.forward(&inputs, ForwardOptions { fake_quant: true, kurtosis: true, clamp: false })?;
     let kurtosis = out.kurtosis.expect("kurtosis was asked for");
     let loss = (cross_entropy(&out.logits, &targets)? + (kurtosis * 0.01)?)?;
     let grads = loss.backward()?;
@@ -67,7 +67,7 @@ fn kurtosis_penalty_and_quantizers_change_the_gradient() -> anyhow::Result<()> {
     let tokens = toy_tokens(shape.vocab as u32);
     let inputs = Tensor::from_vec(tokens[..16].to_vec(), (1, 16), &Device::Cpu)?;
     let plain = decoder.forward(&inputs, ForwardOptions::default())?.logits;
-    let quantized = decoder.forward(&inputs, ForwardOptions { fake_quant: true, kurtosis: false })?.logits;
+    let quantized = decoder.forward(&inputs, ForwardOptions { fake_quant: true, ..ForwardOptions::default() })?.logits;
     let diff = (plain - quantized)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(diff > 0.0, "fake quantization must change the logits");
     Ok(())
@@ -169,7 +169,17 @@ fn exported_file_runs_in_the_runtime_with_the_trainers_logits() -> anyhow::Resul
     }
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("toy.gguf");
-    super::export::write_gguf(&path, &decoder, &tokenizer, &[("petrel.train.recipe", "test".into())])?;
+    // Clips at 60% of each input's range, so that the runtime's clamping matters.
+    let probe = Tensor::from_vec(
+        crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)?
+            .runtime_tokenizer()?
+            .encode(&text, false)[..32]
+            .to_vec(),
+        (2, 16),
+        &Device::Cpu,
+    )?;
+    decoder.calibrate_clips(&probe, 0.6)?;
+    super::export::write_gguf(&path, &decoder, &tokenizer, true, &[("petrel.train.recipe", "test".into())])?;
 
     let bytes = std::fs::read(&path)?;
     let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -183,8 +193,10 @@ fn exported_file_runs_in_the_runtime_with_the_trainers_logits() -> anyhow::Resul
     session.prefill_all_logits(&tokens, &mut runtime_logits)?;
 
     let inputs = Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?;
-    let trainer_logits: Vec<f32> =
-        decoder.forward(&inputs, ForwardOptions::default())?.logits.flatten_all()?.to_vec1()?;
+    let clamped = ForwardOptions { clamp: true, ..ForwardOptions::default() };
+    let trainer_logits: Vec<f32> = decoder.forward(&inputs, clamped)?.logits.flatten_all()?.to_vec1()?;
+    let unclamped: Vec<f32> = decoder.forward(&inputs, ForwardOptions::default())?.logits.flatten_all()?.to_vec1()?;
+    assert_ne!(unclamped, trainer_logits, "the clips must be active in this test");
     let scale = trainer_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
     let worst = runtime_logits.iter().zip(&trainer_logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(scale > 1.0 && worst <= 1e-4 * scale, "largest logit difference {worst} (scale {scale})");
@@ -205,7 +217,7 @@ fn later_tokens_do_not_change_earlier_logits() -> anyhow::Result<()> {
         changed[row * t + t - 1] = (changed[row * t + t - 1] + 1) % shape.vocab as u32;
         changed[row * t + t - 2] = (changed[row * t + t - 2] + 7) % shape.vocab as u32;
     }
-    for options in [ForwardOptions::default(), ForwardOptions { fake_quant: true, kurtosis: true }] {
+    for options in [ForwardOptions::default(), ForwardOptions { fake_quant: true, kurtosis: true, clamp: false }] {
         let logits = |ids: &[u32]| -> anyhow::Result<Tensor> {
             Ok(decoder.forward(&Tensor::from_vec(ids.to_vec(), (b, t), &Device::Cpu)?, options)?.logits)
         };
@@ -215,5 +227,65 @@ fn later_tokens_do_not_change_earlier_logits() -> anyhow::Result<()> {
         assert_eq!(early, 0.0, "positions before the change must not see it ({options:?})");
         assert!(late > 0.0);
     }
+    Ok(())
+}
+
+#[test]
+fn bad_learned_clips_are_rejected_at_load_and_rotation_is_refused() -> anyhow::Result<()> {
+    use petrel_runtime::{GgufFile, Model};
+
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
+                it was the age of foolishness. 1234 times over.\n"
+        .repeat(20);
+    let tokenizer = crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)?;
+    let decoder = Decoder::new(toy_shape(), 5)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("clips.gguf");
+    super::export::write_gguf(&path, &decoder, &tokenizer, true, &[])?;
+    let good = std::fs::read(&path)?;
+    let at = {
+        let file = GgufFile::parse(&good).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let clips = file.tensor("blk.1.act_clip").expect("exported");
+        file.data_offset + clips.offset as usize
+    };
+    for (lo, hi) in [(1.0f32, 0.5f32), (f32::NAN, 1.0), (-1.0, f32::INFINITY)] {
+        let mut bad = good.clone();
+        bad[at + 8..at + 12].copy_from_slice(&lo.to_le_bytes());
+        bad[at + 12..at + 16].copy_from_slice(&hi.to_le_bytes());
+        let file = GgufFile::parse(&bad).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let message = match Model::load(&file) {
+            Ok(_) => panic!("clip pair ({lo}, {hi}) loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains("blk.1.act_clip") && message.contains("lo < hi"), "{message}");
+    }
+
+    let args = crate::quantize::QuantizeArgs {
+        input: path.clone(),
+        output: dir.path().join("rotated.gguf"),
+        scheme: crate::quantize::Scheme::W4a4,
+        group: 32,
+        rotate: true,
+        seed: 0,
+        gptq: false,
+        act_order: false,
+        calib: None,
+        calib_tokens: 0,
+        calib_seq_len: 16,
+        act_clip: 1.0,
+        a8: Vec::new(),
+        embedding: crate::quantize::TableFormat::Q8_0,
+        head: crate::quantize::TableFormat::Q8_0,
+        threads: 1,
+    };
+    let message = format!("{:#}", crate::quantize::run(&args).err().expect("rotation refused"));
+    assert!(message.contains("learned activation clips"), "{message}");
+    // Unrotated, the clips pass into the W4A4 file.
+    let plain = crate::quantize::QuantizeArgs { rotate: false, output: dir.path().join("w4a4.gguf"), ..args };
+    crate::quantize::run(&plain)?;
+    let bytes = std::fs::read(&plain.output)?;
+    let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = Model::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(model.layers.iter().all(|l| l.activation_clips.is_some()));
     Ok(())
 }

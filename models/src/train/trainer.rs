@@ -52,7 +52,7 @@ impl Trainer {
     }
 
     fn options(&self) -> ForwardOptions {
-        ForwardOptions { fake_quant: self.settings.qat, kurtosis: self.settings.kurtosis_weight > 0.0 }
+        ForwardOptions { fake_quant: self.settings.qat, kurtosis: self.settings.kurtosis_weight > 0.0, clamp: false }
     }
 
     /// Takes the next step on `tokens` (the training stream).
@@ -85,7 +85,7 @@ impl Trainer {
     /// Mean cross-entropy (nats per token) over `batches`, in the training mode (fake
     /// quantization on for QAT runs), without gradients.
     pub fn evaluate(&self, batches: &[Batch]) -> Result<f64> {
-        let options = ForwardOptions { fake_quant: self.settings.qat, kurtosis: false };
+        let options = ForwardOptions { fake_quant: self.settings.qat, ..ForwardOptions::default() };
         let mut sum = 0f64;
         for b in batches {
             let out = self.decoder.forward(&b.inputs, options)?;
