@@ -278,7 +278,7 @@ fn bad_learned_clips_are_rejected_at_load_and_rotation_is_refused() -> anyhow::R
         head: crate::quantize::TableFormat::Q8_0,
         threads: 1,
     };
-    let message = format!("{:#}", crate::quantize::run(&args).err().expect("rotation refused"));
+    let message = format!("{:#}", crate::quantize::run(&args).expect_err("rotation refused"));
     assert!(message.contains("learned activation clips"), "{message}");
     // Unrotated, the clips pass into the W4A4 file.
     let plain = crate::quantize::QuantizeArgs { rotate: false, output: dir.path().join("w4a4.gguf"), ..args };
