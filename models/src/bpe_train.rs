@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, ensure, Context};
 use hashbrown::HashMap;
 use indicatif::ProgressBar;
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
-use petrel_runtime::tokenizer::{byte_to_char, PreTokenizer};
+use petrel_runtime::tokenizer::{byte_to_char, keys, PreTokenizer};
 use petrel_runtime::{GgufFile, Tokenizer};
 use rayon::prelude::*;
 use std::cmp::Reverse;
@@ -28,18 +28,6 @@ const TYPE_NORMAL: i32 = 1;
 const TYPE_CONTROL: i32 = 3;
 /// Chunk size aimed at when counting words in parallel.
 const COUNT_CHUNK_BYTES: usize = 1 << 20;
-
-/// Metadata keys, as [`Tokenizer::from_gguf`] reads them.
-mod keys {
-    pub const MODEL: &str = "tokenizer.ggml.model";
-    pub const PRE: &str = "tokenizer.ggml.pre";
-    pub const TOKENS: &str = "tokenizer.ggml.tokens";
-    pub const TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
-    pub const MERGES: &str = "tokenizer.ggml.merges";
-    pub const BOS: &str = "tokenizer.ggml.bos_token_id";
-    pub const EOS: &str = "tokenizer.ggml.eos_token_id";
-    pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
-}
 
 /// A trained byte-level BPE vocabulary (a GPT-2-style `tokenizer.ggml.model = "gpt2"`
 /// vocabulary with the `"smollm"` pre-tokenizer).

@@ -1,17 +1,12 @@
 //! `petrel eval ppl` end to end on SmolLM2 (from the cache, as the other model tests): the
 //! JSON report is consistent with the text, and bad input is a clear error, not a panic.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn model_path() -> PathBuf {
-    let home = std::env::var_os("PETREL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/petrel"));
-    let path = home.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run `petrel pull smollm2-135m` first", path.display());
-    path
-}
+use common::{assert_error, model_path};
 
 fn petrel_eval(model: &Path, text: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_petrel"))
@@ -22,14 +17,6 @@ fn petrel_eval(model: &Path, text: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .expect("petrel runs")
-}
-
-/// Asserts a clean failure whose message contains `needle`.
-fn assert_error(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -32,6 +32,14 @@ fn toy_settings(qat: bool, kurtosis_weight: f64) -> TrainSettings {
     }
 }
 
+/// A 300-token BPE vocabulary (the toy shape's) trained on a repeated sentence.
+fn toy_tokenizer() -> anyhow::Result<crate::bpe_train::TrainedTokenizer> {
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
+                it was the age of foolishness. 1234 times over.\n"
+        .repeat(20);
+    crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)
+}
+
 fn toy_tokens(vocab: u32) -> Vec<u32> {
     let mut rng = SplitMix64(99);
     // A stream with structure (runs of increasing ids) so the loss can fall.
@@ -156,10 +164,7 @@ fn learning_rate_warms_up_then_decays_to_the_floor() {
 fn exported_file_runs_in_the_runtime_with_the_trainers_logits() -> anyhow::Result<()> {
     use petrel_runtime::{GgufFile, Model, Session, SessionOptions};
 
-    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
-                it was the age of foolishness. 1234 times over.\n"
-        .repeat(20);
-    let tokenizer = crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)?;
+    let tokenizer = toy_tokenizer()?;
     let shape = toy_shape();
     let decoder = Decoder::new(shape.clone(), 3)?;
     // Weights well above the initial scale, so that attention is far from uniform and
@@ -170,14 +175,7 @@ fn exported_file_runs_in_the_runtime_with_the_trainers_logits() -> anyhow::Resul
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("toy.gguf");
     // Clips at 60% of each input's range, so that the runtime's clamping matters.
-    let probe = Tensor::from_vec(
-        crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)?
-            .runtime_tokenizer()?
-            .encode(&text, false)[..32]
-            .to_vec(),
-        (2, 16),
-        &Device::Cpu,
-    )?;
+    let probe = Tensor::from_vec(toy_tokens(shape.vocab as u32)[..32].to_vec(), (2, 16), &Device::Cpu)?;
     decoder.calibrate_clips(&probe, 0.6)?;
     super::export::write_gguf(&path, &decoder, &tokenizer, true, &[("petrel.train.recipe", "test".into())])?;
 
@@ -234,10 +232,7 @@ fn later_tokens_do_not_change_earlier_logits() -> anyhow::Result<()> {
 fn bad_learned_clips_are_rejected_at_load_and_rotation_is_refused() -> anyhow::Result<()> {
     use petrel_runtime::{GgufFile, Model};
 
-    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
-                it was the age of foolishness. 1234 times over.\n"
-        .repeat(20);
-    let tokenizer = crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)?;
+    let tokenizer = toy_tokenizer()?;
     let decoder = Decoder::new(toy_shape(), 5)?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("clips.gguf");

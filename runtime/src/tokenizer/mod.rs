@@ -80,8 +80,9 @@ impl fmt::Debug for Tokenizer {
     }
 }
 
-/// Metadata keys read by [`Tokenizer::from_gguf`].
-mod keys {
+/// Metadata keys read by [`Tokenizer::from_gguf`] (and written by tokenizer exporters).
+pub mod keys {
+    /// `"gpt2"` for byte-level BPE.
     pub const MODEL: &str = "tokenizer.ggml.model";
     pub const PRE: &str = "tokenizer.ggml.pre";
     pub const TOKENS: &str = "tokenizer.ggml.tokens";
