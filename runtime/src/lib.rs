@@ -10,6 +10,7 @@
 //! - [`linear`]: matrix products on the stored quantized blocks;
 //! - [`forward`] with [`ops`], [`kv_cache`] and [`parallel`]: the forward pass, its per-token
 //!   operations, the KV cache and the thread team;
+//! - [`routing`]: mixture-of-depths routers, top-k and causal routing decisions;
 //! - [`sampler`]: greedy, temperature, top-k, top-p and repetition penalty;
 //! - [`session`]: load, prefill, step and stream, over a KV cache allocated once.
 //!
@@ -33,6 +34,7 @@ pub mod mapped;
 pub mod model;
 pub mod ops;
 pub mod parallel;
+pub mod routing;
 pub mod sampler;
 pub mod scheme;
 pub mod session;
