@@ -179,7 +179,7 @@ fn petrel_rows(
     let mut kernels = String::new();
     for &threads in threads {
         let capacity = prompts.iter().copied().max().unwrap_or(0).max(decode) + 1;
-        let options = SessionOptions { capacity, threads, max_batch, kernels: None };
+        let options = SessionOptions { capacity, threads, max_batch, ..SessionOptions::default() };
         let mut session = Session::new(model, options)?;
         kernels = session.kernels().isa().name().to_string();
         for &n in prompts {

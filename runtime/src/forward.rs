@@ -9,6 +9,11 @@
 //! Every member of the thread team runs this code (see [`crate::parallel`]): the cheap
 //! per-token steps (norms, RoPE, SwiGLU on its own rows) on its private [`RunState`], the
 //! matrix products and attention on its share, followed by an exchange of results.
+//!
+//! In a mixture-of-depths model ([`crate::routing`]) a routed block runs on the chosen
+//! tokens only: their rows are gathered into a compact batch that keeps their positions
+//! (for RoPE) and appends keys and values to that block's own cache rows, so attention
+//! there covers only routed tokens; the other tokens' residuals pass unchanged.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -22,6 +27,7 @@ use crate::linear::Gather;
 use crate::model::{LayerWeights, Model};
 use crate::ops;
 use crate::parallel::{Member, Team};
+use crate::routing::{self, Gate, PrefillRouting};
 
 /// Scratch buffers for a batch of up to `max_batch` tokens (all row-major by token).
 #[derive(Debug)]
@@ -45,6 +51,18 @@ pub struct RunState {
     rope: Vec<f32>,
     /// Quantized activations for the integer kernels.
     act: ActivationBatch,
+    /// Position of each token of the batch going through the current block, `max_batch`.
+    positions: Vec<u32>,
+    /// Mixture-of-depths scratch: router scores (`max_batch`), the chosen tokens' indices
+    /// (`max_batch`), and the chosen tokens' residuals and RoPE tables (`max_batch × dim`,
+    /// `max_batch × rope_dim`), swapped with `x` and `rope` while a routed block runs.
+    scores: Vec<f32>,
+    order: Vec<u32>,
+    x_routed: Vec<f32>,
+    rope_routed: Vec<f32>,
+    /// A block's input, kept for [`ActivationTap::observe_block`] (`max_batch × dim`; empty
+    /// until a tap asks for it).
+    block_input: Vec<f32>,
     /// Logits of the last token, `vocab_size`.
     logits: Vec<f32>,
 }
@@ -66,6 +84,12 @@ impl RunState {
             up: vec![0.0; b * ffn],
             rope: vec![0.0; b * config.rope_dim],
             act: ActivationBatch::new(b, dim.max(ffn)),
+            positions: vec![0; b],
+            scores: vec![0.0; b],
+            order: vec![0; b],
+            x_routed: vec![0.0; b * dim],
+            rope_routed: vec![0.0; b * config.rope_dim],
+            block_input: Vec::new(),
             logits: vec![0.0; config.vocab_size],
         }
     }
@@ -143,12 +167,22 @@ impl TapSite {
 pub trait ActivationTap: Sync {
     /// Sees the input of the linears at `site` of block `layer` for a batch of tokens.
     fn observe(&self, layer: usize, site: TapSite, rows: &[f32], tokens: usize, cols: usize);
+
+    /// Sees the residual stream of the tokens that went through block `layer`, before
+    /// (`input`) and after (`output`) it, `tokens × cols` row-major each. Does nothing
+    /// unless implemented.
+    fn observe_block(&self, layer: usize, input: &[f32], output: &[f32], tokens: usize, cols: usize) {
+        let _ = (layer, input, output, tokens, cols);
+    }
 }
 
 /// Runs `tokens` at positions `first_position..`, appending their keys and values to
 /// `cache`. `states` holds one [`RunState`] per team member (member 0's receives the
 /// logits). The caller has checked that the positions fit the cache and that every token
-/// id is below the vocabulary size.
+/// id is below the vocabulary size. `routing` says how the routed blocks of a
+/// mixture-of-depths model choose their tokens in each batch of up to `max_batch` tokens
+/// (a lone token always takes the causal decision).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     model: &Model<'_>,
     states: &[spin::Mutex<RunState>],
@@ -157,6 +191,7 @@ pub fn forward(
     tokens: &[u32],
     first_position: usize,
     logits: Logits<'_>,
+    routing: PrefillRouting,
 ) {
     let cache = spin::RwLock::new(cache);
     let all_logits = match logits {
@@ -165,7 +200,7 @@ pub fn forward(
     };
     compute.team.run(|member| {
         let mut state = states[member.index()].lock();
-        forward_member(model, &mut state, &cache, compute, member, tokens, first_position, all_logits.as_ref());
+        forward_member(model, &mut state, &cache, compute, member, tokens, first_position, all_logits.as_ref(), routing);
     });
 }
 
@@ -182,12 +217,13 @@ pub fn forward_member(
     tokens: &[u32],
     first_position: usize,
     all_logits: Option<&spin::Mutex<&mut [f32]>>,
+    routing: PrefillRouting,
 ) {
     let batch = s.max_batch;
     let vocab = model.config.vocab_size;
     for (chunk_index, chunk) in tokens.chunks(batch).enumerate() {
         let position = first_position + chunk_index * batch;
-        forward_batch(model, s, cache, compute, member, chunk, position);
+        forward_batch(model, s, cache, compute, member, chunk, position, routing);
         match all_logits {
             None if (chunk_index + 1) * batch >= tokens.len() => {
                 output_head(model, s, compute, member, chunk.len() - 1);
@@ -208,6 +244,7 @@ pub fn forward_member(
 }
 
 /// One batch through every block; leaves the residual stream in `s.x`.
+#[allow(clippy::too_many_arguments)]
 fn forward_batch(
     model: &Model<'_>,
     s: &mut RunState,
@@ -216,9 +253,10 @@ fn forward_batch(
     member: &Member<'_>,
     tokens: &[u32],
     position: usize,
+    routing: PrefillRouting,
 ) {
     let c = &model.config;
-    let (n, dim, kv_dim, ffn) = (tokens.len(), c.dim, c.kv_dim(), c.ffn_dim);
+    let (n, dim) = (tokens.len(), c.dim);
 
     for (t, &token) in tokens.iter().enumerate() {
         model.token_embedding.dequantize_row(token as usize, &mut s.x[t * dim..(t + 1) * dim]);
@@ -226,68 +264,156 @@ fn forward_batch(
     }
 
     for (l, layer) in model.layers.iter().enumerate() {
-        // Attention.
-        ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
-        clip_input(layer, 0, &mut s.xb[..n * dim]);
-        s.act.load(&s.xb, n, dim);
-        tap(compute, member, l, TapSite::AttentionInput, &s.xb[..n * dim], n, dim);
-        layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
-        layer.wk.matmul(compute, &mut s.act, &mut s.k, member, Gather::All);
-        layer.wv.matmul(compute, &mut s.act, &mut s.v, member, Gather::All);
+        let Some((mod_config, router)) = model.routing.as_ref().and_then(|m| Some((m, m.router(l)?))) else {
+            for (t, p) in s.positions[..n].iter_mut().enumerate() {
+                *p = (position + t) as u32;
+            }
+            run_block(model, l, layer, s, cache, compute, member, n);
+            continue;
+        };
+        // Mixture of depths: choose the tokens, run the block on them alone (their rows
+        // gathered into `x_routed`, which takes `x`'s place), and merge their outputs back.
         for t in 0..n {
-            let table = &s.rope[t * c.rope_dim..(t + 1) * c.rope_dim];
-            ops::apply_rope(&mut s.q[t * dim..(t + 1) * dim], c.head_dim, table);
-            ops::apply_rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], c.head_dim, table);
+            s.scores[t] = router.score(&s.x[t * dim..(t + 1) * dim]);
         }
-        if member.is_leader() {
-            cache.write().write(l, position, &s.k[..n * kv_dim], &s.v[..n * kv_dim]);
+        let chosen = match (routing, n) {
+            (PrefillRouting::TopK, _) if n > 1 => {
+                let k = routing::routed_count(mod_config.capacity, n);
+                routing::select_top_k(&s.scores[..n], k, &mut s.order).len()
+            }
+            _ => {
+                let mut m = 0;
+                for t in 0..n {
+                    if router.routes(mod_config.decision, &s.x[t * dim..(t + 1) * dim], c.norm_eps) {
+                        s.order[m] = t as u32;
+                        m += 1;
+                    }
+                }
+                m
+            }
+        };
+        if chosen == 0 {
+            continue;
         }
-        member.barrier();
-        {
-            let cache = cache.read();
-            let (keys, values) = cache.layer(l);
-            let shape = ops::AttentionShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
-            let mine = member.share(n * c.heads);
-            let out = &mut s.att[mine.start * c.head_dim..mine.end * c.head_dim];
-            ops::attend_batch(&compute.float, out, &s.q[..n * dim], keys, values, shape, position, mine);
+        for (j, &t) in s.order[..chosen].iter().enumerate() {
+            let t = t as usize;
+            s.x_routed[j * dim..(j + 1) * dim].copy_from_slice(&s.x[t * dim..(t + 1) * dim]);
+            let r = c.rope_dim;
+            s.rope_routed[j * r..(j + 1) * r].copy_from_slice(&s.rope[t * r..(t + 1) * r]);
+            s.positions[j] = (position + t) as u32;
         }
-        member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
-        clip_input(layer, 1, &mut s.att[..n * dim]);
-        s.act.load(&s.att, n, dim);
-        tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * dim], n, dim);
-        layer.wo.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
-        ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+        core::mem::swap(&mut s.x, &mut s.x_routed);
+        core::mem::swap(&mut s.rope, &mut s.rope_routed);
+        run_block(model, l, layer, s, cache, compute, member, chosen);
+        core::mem::swap(&mut s.x, &mut s.x_routed);
+        core::mem::swap(&mut s.rope, &mut s.rope_routed);
+        for (j, &t) in s.order[..chosen].iter().enumerate() {
+            let t = t as usize;
+            let (x, out) = (&mut s.x[t * dim..(t + 1) * dim], &s.x_routed[j * dim..(j + 1) * dim]);
+            match mod_config.gate {
+                Gate::None => x.copy_from_slice(out),
+                Gate::Sigmoid => {
+                    let g = 1.0 / (1.0 + libm::expf(-s.scores[t]));
+                    for (x, &y) in x.iter_mut().zip(out) {
+                        *x += g * (y - *x);
+                    }
+                }
+            }
+        }
+    }
+}
 
-        // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
-        ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
-        clip_input(layer, 2, &mut s.xb[..n * dim]);
-        s.act.load(&s.xb, n, dim);
-        tap(compute, member, l, TapSite::MlpInput, &s.xb[..n * dim], n, dim);
-        layer.w_gate.matmul(compute, &mut s.act, &mut s.gate, member, Gather::None);
-        layer.w_up.matmul(compute, &mut s.act, &mut s.up, member, Gather::None);
-        let mine = layer.w_gate.my_rows(member);
-        for t in 0..n {
-            let rows = t * ffn + mine.start..t * ffn + mine.end;
-            ops::swiglu(&compute.float, &mut s.gate[rows.clone()], &s.up[rows]);
+/// Runs block `l` on the first `n` tokens of `s.x` (positions in `s.positions`, RoPE
+/// tables in `s.rope`), appending their keys and values to the layer's cache rows.
+#[allow(clippy::too_many_arguments)]
+fn run_block(
+    model: &Model<'_>,
+    l: usize,
+    layer: &LayerWeights<'_>,
+    s: &mut RunState,
+    cache: &spin::RwLock<&mut KvCache>,
+    compute: &Compute<'_>,
+    member: &Member<'_>,
+    n: usize,
+) {
+    let c = &model.config;
+    let (dim, kv_dim, ffn) = (c.dim, c.kv_dim(), c.ffn_dim);
+    let observed = compute.tap.is_some() && member.is_leader();
+    if observed {
+        if s.block_input.len() < n * dim {
+            s.block_input.resize(s.max_batch * dim, 0.0);
         }
-        layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
-        if let Some(hadamard) = &model.down_hadamard {
-            // In a batch each member rotates its share of the tokens and the rows are
-            // exchanged; a single decode token is cheaper to rotate on every member than to
-            // wait at one more barrier for.
-            let mine = if n == 1 { 0..1 } else { member.share(n) };
-            for row in s.gate[mine.start * ffn..mine.end * ffn].chunks_exact_mut(ffn) {
-                hadamard.apply(row);
-            }
-            if n > 1 {
-                member.all_gather(&mut s.gate[..n * ffn], 1, n, ffn);
-            }
+        s.block_input[..n * dim].copy_from_slice(&s.x[..n * dim]);
+    }
+
+    // Attention.
+    ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
+    clip_input(layer, 0, &mut s.xb[..n * dim]);
+    s.act.load(&s.xb, n, dim);
+    tap(compute, member, l, TapSite::AttentionInput, &s.xb[..n * dim], n, dim);
+    layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
+    layer.wk.matmul(compute, &mut s.act, &mut s.k, member, Gather::All);
+    layer.wv.matmul(compute, &mut s.act, &mut s.v, member, Gather::All);
+    for t in 0..n {
+        let table = &s.rope[t * c.rope_dim..(t + 1) * c.rope_dim];
+        ops::apply_rope(&mut s.q[t * dim..(t + 1) * dim], c.head_dim, table);
+        ops::apply_rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], c.head_dim, table);
+    }
+    if member.is_leader() {
+        let positions = s.positions[..n].iter().map(|&p| p as usize);
+        cache.write().append(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], positions);
+    }
+    member.barrier();
+    {
+        let cache = cache.read();
+        let (keys, values) = cache.layer(l);
+        // The batch's rows are the layer's last `n`; each token sees the rows before it.
+        let first_row = cache.len(l) - n;
+        let shape = ops::AttentionShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let mine = member.share(n * c.heads);
+        let out = &mut s.att[mine.start * c.head_dim..mine.end * c.head_dim];
+        ops::attend_batch(&compute.float, out, &s.q[..n * dim], keys, values, shape, first_row, mine);
+    }
+    member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
+    clip_input(layer, 1, &mut s.att[..n * dim]);
+    s.act.load(&s.att, n, dim);
+    tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * dim], n, dim);
+    layer.wo.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
+    ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+
+    // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
+    ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
+    clip_input(layer, 2, &mut s.xb[..n * dim]);
+    s.act.load(&s.xb, n, dim);
+    tap(compute, member, l, TapSite::MlpInput, &s.xb[..n * dim], n, dim);
+    layer.w_gate.matmul(compute, &mut s.act, &mut s.gate, member, Gather::None);
+    layer.w_up.matmul(compute, &mut s.act, &mut s.up, member, Gather::None);
+    let mine = layer.w_gate.my_rows(member);
+    for t in 0..n {
+        let rows = t * ffn + mine.start..t * ffn + mine.end;
+        ops::swiglu(&compute.float, &mut s.gate[rows.clone()], &s.up[rows]);
+    }
+    layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
+    if let Some(hadamard) = &model.down_hadamard {
+        // In a batch each member rotates its share of the tokens and the rows are
+        // exchanged; a single decode token is cheaper to rotate on every member than to
+        // wait at one more barrier for.
+        let mine = if n == 1 { 0..1 } else { member.share(n) };
+        for row in s.gate[mine.start * ffn..mine.end * ffn].chunks_exact_mut(ffn) {
+            hadamard.apply(row);
         }
-        clip_input(layer, 3, &mut s.gate[..n * ffn]);
-        s.act.load(&s.gate, n, ffn);
-        tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);
-        layer.w_down.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
-        ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+        if n > 1 {
+            member.all_gather(&mut s.gate[..n * ffn], 1, n, ffn);
+        }
+    }
+    clip_input(layer, 3, &mut s.gate[..n * ffn]);
+    s.act.load(&s.gate, n, ffn);
+    tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);
+    layer.w_down.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
+    ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+
+    if let (true, Some(tap)) = (observed, compute.tap) {
+        tap.observe_block(l, &s.block_input[..n * dim], &s.x[..n * dim], n, dim);
     }
 }
 

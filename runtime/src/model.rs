@@ -7,6 +7,7 @@ use core::fmt;
 use crate::config::LlamaConfig;
 use crate::gguf::{GgufError, GgufFile, TensorInfo, TensorType};
 use crate::linear::Linear;
+use crate::routing::MixtureOfDepths;
 use crate::scheme::{QuantScheme, Rotation};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use petrel_quant::hadamard::Hadamard;
@@ -120,6 +121,8 @@ pub struct Model<'a> {
     pub scheme: Option<QuantScheme>,
     /// The online Hadamard transform applied to the input of `ffn_down` (QuaRot files).
     pub down_hadamard: Option<Hadamard>,
+    /// Mixture-of-depths routing (`petrel.mod.*`), for files that have it.
+    pub routing: Option<MixtureOfDepths>,
 }
 
 impl<'a> Model<'a> {
@@ -167,17 +170,26 @@ impl<'a> Model<'a> {
             });
         }
         let output_norm = vector(tensor("output_norm.weight")?, dim)?;
-        Ok(Model { config, token_embedding, layers, output_norm, output, tokenizer, scheme, down_hadamard })
+        let routing = MixtureOfDepths::from_gguf(file, config.layers, dim)?;
+        Ok(Model { config, token_embedding, layers, output_norm, output, tokenizer, scheme, down_hadamard, routing })
     }
 
     /// Bytes of weights read per decoded token (every matrix once; norms ignored).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let per_layer: usize = self
-            .layers
-            .iter()
-            .map(|l| [l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down].iter().map(|w| w.bytes()).sum::<usize>())
-            .sum();
-        per_layer + self.output.bytes() + self.token_embedding.row_bytes()
+        let per_layer: usize = (0..self.layers.len()).map(|l| self.block_weight_bytes(l)).sum();
+        per_layer + self.head_weight_bytes()
+    }
+
+    /// Bytes of block `layer`'s matrices: what a token that goes through it reads.
+    pub fn block_weight_bytes(&self, layer: usize) -> usize {
+        let l = &self.layers[layer];
+        [l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down].iter().map(|w| w.bytes()).sum()
+    }
+
+    /// Bytes every decoded token reads outside the blocks: the output head and one
+    /// embedding row.
+    pub fn head_weight_bytes(&self) -> usize {
+        self.output.bytes() + self.token_embedding.row_bytes()
     }
 }
 

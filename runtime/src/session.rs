@@ -9,6 +9,7 @@ use crate::forward::{forward, forward_member, ActivationTap, Compute, Logits, Ru
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::parallel::Team;
+use crate::routing::PrefillRouting;
 use crate::sampler::Sampler;
 
 /// How a session is set up.
@@ -24,11 +25,14 @@ pub struct SessionOptions {
     pub threads: usize,
     /// Dot-product kernels; `None` picks the fastest this CPU runs.
     pub kernels: Option<Kernels>,
+    /// How a mixture-of-depths model routes prefill batches (decoding always takes the
+    /// causal decision). Ignored by dense models.
+    pub prefill_routing: PrefillRouting,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { capacity: 0, max_batch: 64, threads: 1, kernels: None }
+        SessionOptions { capacity: 0, max_batch: 64, threads: 1, kernels: None, prefill_routing: PrefillRouting::TopK }
     }
 }
 
@@ -95,6 +99,7 @@ pub struct Session<'m, 'a> {
     w4: W4Kernels,
     float: FloatKernels,
     position: usize,
+    prefill_routing: PrefillRouting,
 }
 
 impl<'m, 'a> Session<'m, 'a> {
@@ -124,6 +129,7 @@ impl<'m, 'a> Session<'m, 'a> {
             w4: W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar),
             float: FloatKernels::detect(),
             position: 0,
+            prefill_routing: options.prefill_routing,
         })
     }
 
@@ -147,6 +153,19 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache.bytes()
     }
 
+    /// Bytes of keys and values written so far. In a mixture-of-depths model routed
+    /// blocks hold rows for their routed tokens only, so this is below
+    /// `position × layers × 2 × kv_dim × 4`.
+    pub fn cache_bytes_in_use(&self) -> usize {
+        self.cache.bytes_in_use()
+    }
+
+    /// Tokens that have gone through block `layer` so far (its cache rows): the session's
+    /// position for a dense block, fewer for a routed one.
+    pub fn tokens_through(&self, layer: usize) -> usize {
+        self.cache.len(layer)
+    }
+
     /// The kernels in use.
     pub fn kernels(&self) -> Kernels {
         self.kernels
@@ -160,11 +179,13 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Forgets the conversation (the cache is reused, not freed).
     pub fn reset(&mut self) {
         self.position = 0;
+        self.cache.truncate(0);
     }
 
     /// Drops cached positions from `position` on (e.g. to retry a turn).
     pub fn truncate(&mut self, position: usize) {
         self.position = self.position.min(position);
+        self.cache.truncate(self.position);
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), SessionError> {
@@ -184,23 +205,24 @@ impl<'m, 'a> Session<'m, 'a> {
 
     /// Appends `tokens` to the conversation and returns the logits after the last one.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
-        self.prefill_with_tap(tokens, None)
+        self.prefill_with_tap(tokens, None, self.prefill_routing)
     }
 
     /// As [`Session::prefill`], showing the input of every linear layer to `tap` on the
     /// way (calibration and activation statistics).
     pub fn prefill_observed(&mut self, tokens: &[u32], tap: &dyn ActivationTap) -> Result<&mut [f32], SessionError> {
-        self.prefill_with_tap(tokens, Some(tap))
+        self.prefill_with_tap(tokens, Some(tap), self.prefill_routing)
     }
 
     fn prefill_with_tap(
         &mut self,
         tokens: &[u32],
         tap: Option<&dyn ActivationTap>,
+        routing: PrefillRouting,
     ) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
         let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap };
-        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last);
+        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last, routing);
         self.position += tokens.len();
         Ok(self.states[0].get_mut().logits_mut())
     }
@@ -208,7 +230,7 @@ impl<'m, 'a> Session<'m, 'a> {
     /// Appends one token and returns the logits after it. Single-threaded sessions allocate
     /// nothing here; for a decode loop on several threads prefer [`Session::generate`].
     pub fn step(&mut self, token: u32) -> Result<&mut [f32], SessionError> {
-        self.prefill(&[token])
+        self.prefill_with_tap(&[token], None, PrefillRouting::Causal)
     }
 
     /// Appends `tokens` and writes the logits after *every* one of them into `out`
@@ -223,7 +245,7 @@ impl<'m, 'a> Session<'m, 'a> {
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
         let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
         let logits = Logits::All(out);
-        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, logits);
+        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, logits, self.prefill_routing);
         self.position += tokens.len();
         Ok(())
     }
@@ -243,6 +265,7 @@ impl<'m, 'a> Session<'m, 'a> {
             sampler.observe(t);
         }
         let (model, states, start, capacity) = (self.model, &self.states, self.position, self.cache.capacity());
+        let (prompt_routing, decode) = (self.prefill_routing, PrefillRouting::Causal);
         let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
         let cache = spin::RwLock::new(&mut self.cache);
         // What the leader asks of the workers after each barrier: `None` ends the call.
@@ -250,16 +273,16 @@ impl<'m, 'a> Session<'m, 'a> {
         let (reason, end) = self.team.run_led(
             |member| {
                 let mut state = states[member.index()].lock();
-                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None);
+                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None, prompt_routing);
                 loop {
                     member.barrier();
                     let Some((token, position)) = *next.lock() else { return };
-                    forward_member(model, &mut state, &cache, &compute, member, &[token], position, None);
+                    forward_member(model, &mut state, &cache, &compute, member, &[token], position, None, decode);
                 }
             },
             |member| {
                 let mut state = states[member.index()].lock();
-                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None);
+                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None, prompt_routing);
                 let mut position = start + prompt.len();
                 if max_new_tokens == 0 {
                     member.barrier();
@@ -286,7 +309,7 @@ impl<'m, 'a> Session<'m, 'a> {
                     if let Some(reason) = stop {
                         break reason;
                     }
-                    forward_member(model, &mut state, &cache, &compute, member, &[token], position, None);
+                    forward_member(model, &mut state, &cache, &compute, member, &[token], position, None, decode);
                     position += 1;
                 };
                 (reason, position)

@@ -30,7 +30,7 @@ fn logits_are_bit_identical_for_every_thread_count_and_batch_size() {
     let model = Model::load(&gguf).expect("model loads");
     let prompt = chat_prompt(&model);
     let run = |threads: usize, max_batch: usize| {
-        let options = SessionOptions { capacity: 64, threads, max_batch, kernels: None };
+        let options = SessionOptions { capacity: 64, threads, max_batch, ..SessionOptions::default() };
         let mut session = Session::new(&model, options).expect("session");
         let mut all = session.prefill(&prompt).expect("prefill").to_vec();
         let mut token = argmax(&all);
