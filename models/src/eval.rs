@@ -25,6 +25,7 @@ use petrel_models::act_stats::{self, SiteStats, SiteSummary};
 use petrel_models::registry;
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
+use petrel_runtime::routing::{Decision, PrefillRouting};
 use petrel_runtime::{Model, Session, SessionOptions};
 
 /// `petrel eval` subcommands.
@@ -66,6 +67,32 @@ pub struct PplArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Mixture-of-depths models: route each window by top-k over the whole window (as in
+    /// training; a token's route then depends on later tokens' router scores) or by each
+    /// token's causal decision (as in decoding).
+    #[arg(long, value_enum, default_value = "top-k")]
+    mod_routing: ModRouting,
+    /// Mixture-of-depths models: the causal decision to use [default: the file's].
+    #[arg(long, value_enum)]
+    mod_decision: Option<ModDecision>,
+}
+
+/// `--mod-routing` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModRouting {
+    /// Top-k of each window by router score.
+    TopK,
+    /// Each token's causal decision.
+    Causal,
+}
+
+/// `--mod-decision` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModDecision {
+    /// The router's logit is positive.
+    Router,
+    /// The predictor MLP's logit is positive.
+    Predictor,
 }
 
 /// Arguments of `petrel eval act-stats`.
@@ -158,8 +185,15 @@ pub fn negative_log_likelihood(logits: &[f32], target: usize) -> f64 {
 /// Summed negative log-likelihood and how many tokens it covers.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Score {
+    /// Σ −ln p(target), nats.
     pub nll_sum: f64,
+    /// Tokens scored.
     pub scored: usize,
+    /// Mixture-of-depths models: token visits to routed blocks, and tokens fed times
+    /// routed blocks (their ratio is the capacity actually used).
+    pub routed_visits: usize,
+    /// See `routed_visits`.
+    pub routed_slots: usize,
 }
 
 impl Score {
@@ -171,7 +205,9 @@ impl Score {
 
 /// Scores `windows` of `tokens` with `session` (whose capacity must hold the longest
 /// window). With `bos`, each window's first token is replaced by it, as llama-perplexity
-/// does. `on_scored` is told how many tokens each step scored.
+/// does. `on_scored` is told how many tokens each step scored. A mixture-of-depths model
+/// gets each window in one call, so that top-k routing sees the whole window (the
+/// session's batch must hold it).
 pub fn score(
     session: &mut Session<'_, '_>,
     tokens: &[u32],
@@ -180,7 +216,8 @@ pub fn score(
     mut on_scored: impl FnMut(usize),
 ) -> Result<Score> {
     let vocab = session.model().config.vocab_size;
-    let batch = 64;
+    let routed: Vec<usize> = session.model().routing.iter().flat_map(|r| r.routed_layers()).collect();
+    let batch = if routed.is_empty() { 64 } else { session.capacity() };
     let mut logits = vec![0.0f32; batch * vocab];
     let mut input = Vec::with_capacity(session.capacity());
     let mut total = Score::default();
@@ -195,19 +232,22 @@ pub fn score(
         // first needed position without the output head, the rest with it. The last token
         // predicts nothing inside the window, so it is not fed.
         let first = w.score_from - w.start - 1;
-        if first > 0 {
-            session.prefill(&input[..first])?;
+        let fed = if routed.is_empty() { first } else { 0 };
+        if fed > 0 {
+            session.prefill(&input[..fed])?;
         }
-        for from in (first..input.len() - 1).step_by(batch) {
+        for from in (fed..input.len() - 1).step_by(batch) {
             let to = (from + batch).min(input.len() - 1);
             session.prefill_all_logits(&input[from..to], &mut logits)?;
-            for (row, p) in (from..to).enumerate() {
+            for (row, p) in (from..to).enumerate().filter(|&(_, p)| p >= first) {
                 let target = input[p + 1] as usize;
                 total.nll_sum += negative_log_likelihood(&logits[row * vocab..(row + 1) * vocab], target);
             }
-            total.scored += to - from;
-            on_scored(to - from);
+            total.scored += to - from.max(first);
+            on_scored(to - from.max(first));
         }
+        total.routed_visits += routed.iter().map(|&l| session.tokens_through(l)).sum::<usize>();
+        total.routed_slots += routed.len() * (input.len() - 1);
     }
     Ok(total)
 }
@@ -231,10 +271,25 @@ fn perplexity(args: &PplArgs) -> Result<()> {
     let file = MappedFile::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let model_error = || format!("cannot load the model {}", path.display());
     let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
-    let model = Model::load(&gguf).with_context(model_error)?;
+    let mut model = Model::load(&gguf).with_context(model_error)?;
     if args.window > model.config.context_length {
         bail!("--window {} exceeds the model's context length of {} tokens", args.window, model.config.context_length);
     }
+    let mut prefill_routing = PrefillRouting::TopK;
+    if let Some(routing) = &mut model.routing {
+        if args.mod_routing == ModRouting::Causal {
+            prefill_routing = PrefillRouting::Causal;
+        }
+        match args.mod_decision {
+            Some(ModDecision::Predictor) if !routing.has_predictors() => {
+                bail!("{} has no predictors: --mod-decision predictor does not apply", path.display())
+            }
+            Some(ModDecision::Predictor) => routing.decision = Decision::Predictor,
+            Some(ModDecision::Router) => routing.decision = Decision::Router,
+            None => {}
+        }
+    }
+    let model = model;
 
     let (tokens, bos, text_tokens) = tokenize(&model, &text, args.max_tokens);
     let windows = if args.llama_cpp {
@@ -255,7 +310,9 @@ fn perplexity(args: &PplArgs) -> Result<()> {
     let to_score: usize = windows.iter().map(Window::scored).sum();
 
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = SessionOptions { capacity: args.window, threads, ..SessionOptions::default() };
+    // A routed model's windows run as one batch, so that top-k sees the whole window.
+    let max_batch = if model.routing.is_some() { args.window } else { SessionOptions::default().max_batch };
+    let options = SessionOptions { capacity: args.window, threads, max_batch, prefill_routing, kernels: None };
     let mut session = Session::new(&model, options)?;
     eprintln!(
         "{}: {} tokens ({text_tokens} in the file), {} windows of {} ({method}{}), {threads} threads",
@@ -295,6 +352,13 @@ fn perplexity(args: &PplArgs) -> Result<()> {
         stride,
         threads,
         seconds,
+        routing: model.routing.as_ref().map(|r| {
+            let how = match prefill_routing {
+                PrefillRouting::TopK => format!("top-k, capacity {}", r.capacity),
+                PrefillRouting::Causal => format!("causal, {} decision", r.decision.name()),
+            };
+            (how, result.routed_visits as f64 / result.routed_slots.max(1) as f64)
+        }),
     };
     report.print();
     if let Some(out) = &args.json {
@@ -530,6 +594,9 @@ struct Report<'a> {
     stride: usize,
     threads: usize,
     seconds: f64,
+    /// Mixture-of-depths models: how windows were routed, and the fraction of tokens the
+    /// routed blocks processed.
+    routing: Option<(String, f64)>,
 }
 
 impl Report<'_> {
@@ -544,6 +611,9 @@ impl Report<'_> {
             self.window, self.stride, self.method, self.windows
         );
         let _ = writeln!(out, "time: {:.1} s ({rate:.1} scored tokens/s, {} threads)", self.seconds, self.threads);
+        if let Some((how, used)) = &self.routing {
+            let _ = writeln!(out, "routing: {how}; routed blocks processed {:.1}% of tokens", used * 100.0);
+        }
     }
 
     fn json(&self) -> String {
@@ -551,7 +621,8 @@ impl Report<'_> {
             concat!(
                 "{{\n  \"model\": {},\n  \"text\": {},\n  \"method\": \"{}\",\n  \"perplexity\": {},\n",
                 "  \"mean_nll\": {},\n  \"tokens_scored\": {},\n  \"tokens_in_text\": {},\n  \"windows\": {},\n",
-                "  \"window\": {},\n  \"stride\": {},\n  \"threads\": {},\n  \"seconds\": {}\n}}\n"
+                "  \"window\": {},\n  \"stride\": {},\n  \"threads\": {},\n  \"seconds\": {},\n",
+                "  \"routing\": {},\n  \"routed_fraction\": {}\n}}\n"
             ),
             json_string(&self.model.display().to_string()),
             json_string(&self.text.display().to_string()),
@@ -565,6 +636,8 @@ impl Report<'_> {
             self.stride,
             self.threads,
             self.seconds,
+            self.routing.as_ref().map_or("null".to_string(), |(how, _)| json_string(how)),
+            self.routing.as_ref().map_or("null".to_string(), |(_, used)| used.to_string()),
         )
     }
 }

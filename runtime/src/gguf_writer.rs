@@ -4,7 +4,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::gguf::{TensorType, DEFAULT_ALIGNMENT, GGUF_MAGIC};
+use crate::gguf::{GgufFile, TensorType, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC};
 
 /// An owned metadata value to write.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +21,37 @@ pub enum MetadataValue {
     F32Array(Vec<f32>),
     /// An array of strings.
     StringArray(Vec<String>),
+}
+
+impl MetadataValue {
+    /// The writable form of a value read from a file: integers widen to 32 or 64 bits,
+    /// f64 narrows to f32; `None` for an i64 beyond i32 or an array of mixed or
+    /// unsupported elements.
+    pub fn from_value(value: &Value<'_>) -> Option<Self> {
+        Some(match value {
+            Value::U8(v) => MetadataValue::U32(*v as u32),
+            Value::U16(v) => MetadataValue::U32(*v as u32),
+            Value::U32(v) => MetadataValue::U32(*v),
+            Value::U64(v) => MetadataValue::U64(*v),
+            Value::I8(v) => MetadataValue::I32(*v as i32),
+            Value::I16(v) => MetadataValue::I32(*v as i32),
+            Value::I32(v) => MetadataValue::I32(*v),
+            Value::I64(v) => MetadataValue::I32(i32::try_from(*v).ok()?),
+            Value::F32(v) => MetadataValue::F32(*v),
+            Value::F64(v) => MetadataValue::F32(*v as f32),
+            Value::Bool(v) => MetadataValue::Bool(*v),
+            Value::String(s) => MetadataValue::String((*s).into()),
+            Value::Array(a) => {
+                if let Some(strings) = a.strings() {
+                    MetadataValue::StringArray(strings.map(String::from).collect())
+                } else if let Some(ints) = a.integers() {
+                    MetadataValue::I32Array(ints.map(|i| i32::try_from(i).ok()).collect::<Option<Vec<i32>>>()?)
+                } else {
+                    MetadataValue::F32Array(a.iter().map(|v| v.as_f32()).collect::<Option<Vec<f32>>>()?)
+                }
+            }
+        })
+    }
 }
 
 /// Collects metadata and tensors, then serializes them as GGUF version 3.
@@ -41,6 +72,22 @@ impl GgufWriter {
         self.metadata.retain(|(k, _)| k != key);
         self.metadata.push((key.into(), value));
         self
+    }
+
+    /// A writer holding every metadata entry and tensor of `file` (tensor bytes copied as
+    /// stored) except those `keep` refuses, given the key or tensor name. Entries whose
+    /// values cannot be written (see [`MetadataValue::from_value`]) are dropped.
+    pub fn copy_of(file: &GgufFile<'_>, keep: impl Fn(&str) -> bool) -> Self {
+        let mut w = GgufWriter::new();
+        for (key, value) in file.metadata() {
+            if let (true, Some(v)) = (keep(key), MetadataValue::from_value(value)) {
+                w.metadata(key, v);
+            }
+        }
+        for t in file.tensors().iter().filter(|t| keep(t.name)) {
+            w.tensor(t.name, t.shape(), t.ty, t.data.to_vec());
+        }
+        w
     }
 
     /// Adds a tensor with ggml dims (innermost first) and its raw little-endian bytes.

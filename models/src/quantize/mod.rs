@@ -20,8 +20,11 @@ use petrel_quant::ptq::{self, ClipSearch, GptqOptions};
 use petrel_quant::w4::{pack, GroupSize, W4Shape, PANEL_ROWS};
 use petrel_quant::WeightFormat;
 use petrel_runtime::forward::TapSite;
-use petrel_runtime::gguf::{GgufFile, TensorType, Value};
+use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
+
+/// Metadata keys of mixture-of-depths routing, kept by quantization.
+const MOD_KEY_PREFIX: &str = "petrel.mod.";
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::scheme::{
     KEY_ACTIVATION_BITS_PREFIX, KEY_ACTIVATION_CLIP, KEY_GROUP_SIZE, KEY_ROTATION, KEY_SCHEME, SCALES_SUFFIX,
@@ -188,6 +191,9 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
     if args.rotate && model.layers.iter().any(|l| l.activation_clips.is_some()) {
         bail!("{} has learned activation clips (activation QAT): they hold in the unrotated basis, so --rotate does not apply", args.input.display());
     }
+    if args.rotate && model.routing.is_some() {
+        bail!("{} routes tokens (mixture of depths): its routers read the unrotated residual stream, so --rotate does not apply", args.input.display());
+    }
     if args.rotate {
         eprintln!("rotating (QuaRot, seed {}) …", args.seed);
         master.rotate(args.seed)?;
@@ -286,10 +292,12 @@ fn write_model(
 ) -> Result<GgufWriter> {
     let mut w = GgufWriter::new();
     for (key, value) in source.metadata() {
-        if key.starts_with("petrel.") {
+        // Our own quantization keys are rewritten below; mixture-of-depths routing is
+        // independent of the weights' format and passes through.
+        if key.starts_with("petrel.") && !key.starts_with(MOD_KEY_PREFIX) {
             continue;
         }
-        if let Some(v) = convert_metadata(value) {
+        if let Some(v) = MetadataValue::from_value(value) {
             w.metadata(key, v);
         }
     }
@@ -336,6 +344,11 @@ fn write_model(
             TensorType::F32,
             f32_bytes(&layer.ffn_norm),
         );
+        // Mixture-of-depths routers and predictors (f32) pass through unchanged.
+        let prefix = format!("blk.{l}.mod_");
+        for t in source.tensors().iter().filter(|t| t.name.starts_with(&prefix)) {
+            w.tensor(t.name, t.shape(), t.ty, t.data.to_vec());
+        }
         // Learned activation clips (activation QAT) pass through unchanged.
         let clips_name = format!("blk.{l}.act_clip");
         if let Some(clips) = source.tensor(&clips_name) {
@@ -445,33 +458,6 @@ fn put_dense(w: &mut GgufWriter, name: &str, m: &Matrix, format: TableFormat) {
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// A metadata value as the writer takes it (integers widen to u32/u64/i32, floats to f32).
-fn convert_metadata(value: &Value<'_>) -> Option<MetadataValue> {
-    Some(match value {
-        Value::U8(v) => MetadataValue::U32(*v as u32),
-        Value::U16(v) => MetadataValue::U32(*v as u32),
-        Value::U32(v) => MetadataValue::U32(*v),
-        Value::U64(v) => MetadataValue::U64(*v),
-        Value::I8(v) => MetadataValue::I32(*v as i32),
-        Value::I16(v) => MetadataValue::I32(*v as i32),
-        Value::I32(v) => MetadataValue::I32(*v),
-        Value::I64(v) => MetadataValue::I32(i32::try_from(*v).ok()?),
-        Value::F32(v) => MetadataValue::F32(*v),
-        Value::F64(v) => MetadataValue::F32(*v as f32),
-        Value::Bool(v) => MetadataValue::Bool(*v),
-        Value::String(s) => MetadataValue::String((*s).to_string()),
-        Value::Array(a) => {
-            if let Some(strings) = a.strings() {
-                MetadataValue::StringArray(strings.map(str::to_string).collect())
-            } else if let Some(ints) = a.integers() {
-                MetadataValue::I32Array(ints.map(|i| i as i32).collect())
-            } else {
-                MetadataValue::F32Array(a.iter().map(|v| v.as_f32()).collect::<Option<Vec<f32>>>()?)
-            }
-        }
-    })
 }
 
 #[cfg(test)]
