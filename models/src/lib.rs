@@ -6,5 +6,6 @@ pub mod bpe_train;
 pub mod corpus;
 pub mod quantize;
 pub mod registry;
+pub mod route_fit;
 pub mod stats;
 pub mod train;

@@ -50,6 +50,9 @@ enum Command {
     /// Train a small decoder from scratch (candle, CPU) with the W4A4 recipe (activation
     /// QAT + kurtosis penalty) or plainly, and export it (f32 and W4A4 GGUF).
     Train(Box<petrel_models::train::TrainArgs>),
+    /// Fit mixture-of-depths routers to a pretrained model (weights frozen) and write
+    /// routed copies of it, one per capacity and choice of blocks.
+    RouteFit(Box<petrel_models::route_fit::RouteFitArgs>),
     /// Measure a model (`petrel eval ppl`: perplexity on a text file; `petrel eval act-stats`:
     /// activation outlier statistics per layer).
     Eval {
@@ -147,6 +150,7 @@ fn main() {
         Command::Eval { command } => eval::run(command),
         Command::Quantize(args) => quantize(&args),
         Command::Train(args) => petrel_models::train::run(&args),
+        Command::RouteFit(args) => petrel_models::route_fit::run(&args),
     };
     if let Err(e) = result {
         // A closed pipe (`petrel inspect … | head`) is a normal way to stop reading.
