@@ -287,7 +287,12 @@ fn write_routed(
         .metadata(routing::KEY_DECISION, MetadataValue::String("router".into()));
     for &l in layers {
         let r = &fitted[l];
-        w.tensor(&format!("blk.{l}.mod_router.weight"), &[r.weight.len() as u64], TensorType::F32, f32_bytes(&r.weight));
+        w.tensor(
+            &format!("blk.{l}.mod_router.weight"),
+            &[r.weight.len() as u64],
+            TensorType::F32,
+            f32_bytes(&r.weight),
+        );
         let bias = [r.bias_for(capacity) as f32];
         w.tensor(&format!("blk.{l}.mod_router.bias"), &[1], TensorType::F32, f32_bytes(&bias));
     }
@@ -401,7 +406,8 @@ mod tests {
     fn ridge_solve_recovers_a_linear_map() {
         // A = MᵀM for a well-conditioned M; c = A β.
         let n = 5;
-        let m: Vec<f64> = (0..n * n).map(|i| ((i * 7 + 3) % 11) as f64 - 5.0 + if i % (n + 1) == 0 { 9.0 } else { 0.0 }).collect();
+        let m: Vec<f64> =
+            (0..n * n).map(|i| ((i * 7 + 3) % 11) as f64 - 5.0 + if i % (n + 1) == 0 { 9.0 } else { 0.0 }).collect();
         let mut a = vec![0f64; n * n];
         for i in 0..n {
             for j in 0..n {

@@ -200,7 +200,17 @@ pub fn forward(
     };
     compute.team.run(|member| {
         let mut state = states[member.index()].lock();
-        forward_member(model, &mut state, &cache, compute, member, tokens, first_position, all_logits.as_ref(), routing);
+        forward_member(
+            model,
+            &mut state,
+            &cache,
+            compute,
+            member,
+            tokens,
+            first_position,
+            all_logits.as_ref(),
+            routing,
+        );
     });
 }
 

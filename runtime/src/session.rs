@@ -245,7 +245,16 @@ impl<'m, 'a> Session<'m, 'a> {
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
         let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
         let logits = Logits::All(out);
-        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, logits, self.prefill_routing);
+        forward(
+            self.model,
+            &self.states,
+            &mut self.cache,
+            &compute,
+            tokens,
+            self.position,
+            logits,
+            self.prefill_routing,
+        );
         self.position += tokens.len();
         Ok(())
     }
