@@ -400,7 +400,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if args.w4a4 {
         let w4_path = args.out.join("model-w4a4.gguf");
         let summary = write_w4a4(&f32_path, &w4_path, &train_path, args)?;
-        eprintln!("wrote {} ({} bytes)", w4_path.display(), summary.file_bytes);
+        if shape.routing.is_some() && !carries_routing(&w4_path)? {
+            // A file without the routers would run as a dense model the weights were not
+            // trained for: better none than a silently wrong one.
+            std::fs::remove_file(&w4_path).with_context(|| format!("removing {}", w4_path.display()))?;
+            eprintln!(
+                "warning: petrel quantize dropped the mixture-of-depths routing, so {} was not kept; \
+                 quantize model-f32.gguf once it carries petrel.mod.* through",
+                w4_path.display()
+            );
+        } else {
+            eprintln!("wrote {} ({} bytes)", w4_path.display(), summary.file_bytes);
+        }
     }
     Ok(())
 }
@@ -426,6 +437,13 @@ pub fn write_w4a4(input: &Path, output: &Path, calib: &Path, args: &TrainArgs) -
         head: crate::quantize::TableFormat::Q8_0,
         threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     })
+}
+
+/// Whether the GGUF file at `path` has mixture-of-depths routing metadata.
+fn carries_routing(path: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = petrel_runtime::GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(file.get(petrel_runtime::routing::KEY_LAYERS).is_some())
 }
 
 fn spinner(what: &str) -> ProgressBar {
