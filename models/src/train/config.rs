@@ -26,6 +26,42 @@ pub struct ModelShape {
     pub rope_base: f32,
     /// RMSNorm ε.
     pub norm_eps: f32,
+    /// Mixture-of-depths routing of some blocks; `None` (the default, and what checkpoints
+    /// written before routing existed read as) is a dense model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingShape>,
+}
+
+/// Mixture-of-depths routing (Raposo et al., 2024) as `petrel_runtime::routing` defines
+/// it: in each routed block only the top `⌈capacity · T⌉` tokens of a sequence by router
+/// score go through attention and the MLP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoutingShape {
+    /// Indices of the routed blocks, strictly increasing, each below `layers`.
+    pub layers: Vec<usize>,
+    /// Fraction of a sequence's tokens each routed block processes, in (0, 1].
+    pub capacity: f32,
+    /// Hidden width of each routed block's causal predictor MLP (0 = no predictor).
+    pub predictor_hidden: usize,
+}
+
+impl RoutingShape {
+    /// Tensors per routed block: router weight and bias, plus the predictor's four.
+    pub fn tensors_per_layer(&self) -> usize {
+        if self.predictor_hidden > 0 {
+            6
+        } else {
+            2
+        }
+    }
+
+    /// Parameters of one routed block's router (`dim + 1`) and predictor
+    /// (`hidden · dim + 2 · hidden + 1`).
+    pub fn parameters_per_layer(&self, dim: usize) -> usize {
+        let h = self.predictor_hidden;
+        let predictor = if h > 0 { h * dim + 2 * h + 1 } else { 0 };
+        dim + 1 + predictor
+    }
 }
 
 impl ModelShape {
@@ -42,6 +78,7 @@ impl ModelShape {
             context: 256,
             rope_base: 10_000.0,
             norm_eps: 1e-5,
+            routing: None,
         }
     }
 
@@ -83,23 +120,59 @@ impl ModelShape {
         if !(self.rope_base > 1.0 && self.norm_eps > 0.0) {
             bail!("rope base must exceed 1 and the norm epsilon be positive");
         }
+        if let Some(r) = &self.routing {
+            if r.layers.is_empty() {
+                bail!("mixture-of-depths routing must name at least one block");
+            }
+            if let Some(&l) = r.layers.iter().find(|&&l| l >= self.layers) {
+                bail!("routed block {l} does not exist (the model has {} blocks)", self.layers);
+            }
+            if r.layers.windows(2).any(|w| w[0] >= w[1]) {
+                bail!("routed blocks must be strictly increasing, got {:?}", r.layers);
+            }
+            if !(r.capacity > 0.0 && r.capacity <= 1.0) {
+                bail!("the routing capacity {} must lie in (0, 1]", r.capacity);
+            }
+        }
         Ok(())
     }
 
-    /// Parameters of the model (embedding counted once; it is tied to the head).
+    /// Parameters of the model (embedding counted once; it is tied to the head), routers
+    /// and predictors included.
     pub fn parameters(&self) -> usize {
         let per_block =
             2 * self.dim * self.dim + 2 * self.dim * self.kv_dim() + 3 * self.dim * self.ffn_dim + 2 * self.dim;
-        self.vocab * self.dim + self.layers * per_block + self.dim
+        let routing = self.routing.as_ref().map_or(0, |r| r.layers.len() * r.parameters_per_layer(self.dim));
+        self.vocab * self.dim + self.layers * per_block + self.dim + routing
     }
 
     /// Multiply-accumulates ×2 of one training token's forward pass, the matmuls only
     /// (projections, attention over a full context, head): the `6·N` rule's `2·N` term.
+    /// A routed block's projections and attention count at `capacity` of their dense cost
+    /// (the other tokens skip it; attention runs over the routed tokens only), plus its
+    /// router (`2·dim`) and predictor (`2·(hidden·dim + hidden)`) on every token.
     pub fn forward_flops_per_token(&self) -> f64 {
-        let blocks =
-            self.layers * (2 * self.dim * self.dim + 2 * self.dim * self.kv_dim() + 3 * self.dim * self.ffn_dim);
-        let attention = self.layers * 2 * self.context * self.dim;
-        2.0 * (blocks + attention + self.vocab * self.dim) as f64
+        let projections = (2 * self.dim * self.dim + 2 * self.dim * self.kv_dim() + 3 * self.dim * self.ffn_dim) as f64;
+        let attention = (2 * self.context * self.dim) as f64;
+        let mut blocks = 0f64;
+        for l in 0..self.layers {
+            match &self.routing {
+                Some(r) if r.layers.contains(&l) => {
+                    let c = r.capacity as f64;
+                    // Attention over `c·context` keys for `c` of the queries.
+                    blocks += c * projections + c * c * attention;
+                    blocks += (self.dim + r.predictor_hidden * self.dim + r.predictor_hidden) as f64;
+                }
+                _ => blocks += projections + attention,
+            }
+        }
+        2.0 * (blocks + (self.vocab * self.dim) as f64)
+    }
+
+    /// [`Self::forward_flops_per_token`] of the same shape without routing (every block
+    /// dense): the baseline a routed model's compute is compared with.
+    pub fn dense_forward_flops_per_token(&self) -> f64 {
+        ModelShape { routing: None, ..self.clone() }.forward_flops_per_token()
     }
 }
 
@@ -132,6 +205,44 @@ pub struct TrainSettings {
     pub qat: bool,
     /// Weight of the kurtosis penalty on linear layers' outputs (0 = none).
     pub kurtosis_weight: f64,
+    /// Which causal decision mechanisms a routed model trains (ignored when dense).
+    #[serde(default)]
+    pub mod_causal: ModCausal,
+    /// Weight of the routing auxiliary loss (the causal mechanisms' binary cross-entropy)
+    /// in the optimized loss.
+    #[serde(default = "default_mod_aux_weight")]
+    pub mod_aux_weight: f64,
+}
+
+fn default_mod_aux_weight() -> f64 {
+    1.0
+}
+
+/// The causal stand-ins for top-k a routed model learns (Raposo et al. §3.5), each trained
+/// with binary cross-entropy (with logits) against top-k membership on the block input
+/// with its gradient stopped, so that neither changes the language model.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModCausal {
+    /// The router's own logit (`> 0` means routed): trains the router weights only.
+    Bce,
+    /// A separate predictor MLP's logit: trains the predictor only.
+    Predictor,
+    /// Both losses.
+    #[default]
+    Both,
+}
+
+impl ModCausal {
+    /// Whether the router's logit is trained as a causal decision.
+    pub fn trains_router(self) -> bool {
+        matches!(self, ModCausal::Bce | ModCausal::Both)
+    }
+
+    /// Whether a predictor MLP is trained.
+    pub fn trains_predictor(self) -> bool {
+        matches!(self, ModCausal::Predictor | ModCausal::Both)
+    }
 }
 
 impl TrainSettings {

@@ -1,13 +1,15 @@
 //! Writing a trained decoder as a GGUF file the runtime runs: `llama` metadata, the
 //! tokenizer, and the block tensors in f32 under llama.cpp's names. The embedding doubles
 //! as the head (no `output.weight`), as in SmolLM2. A QAT model's learned clips become
-//! `blk.N.act_clip` tensors.
+//! `blk.N.act_clip` tensors. A routed (mixture-of-depths) model's routers and predictors
+//! are copied under `petrel_runtime::routing`'s names with its `petrel.mod.*` metadata.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
+use petrel_runtime::routing::{self, Decision, Gate};
 use petrel_runtime::Model;
 
 use super::model::{Decoder, CLIP_SITES};
@@ -16,7 +18,11 @@ use crate::bpe_train::TrainedTokenizer;
 /// Writes `decoder` and `tokenizer` to `path` (temp file, load check, rename). With
 /// `activation_clips` (models trained with QAT), each block's four learned clip pairs go
 /// into `blk.N.act_clip` (8 f32: q/k/v, o, gate/up, down inputs), which the runtime clamps
-/// those inputs to. `notes` are extra string metadata (provenance).
+/// those inputs to. `notes` are extra string metadata (provenance). A routed model also
+/// gets `petrel.mod.layers` (i32 array), `petrel.mod.capacity` (f32), `petrel.mod.gate`
+/// (`sigmoid`) and `petrel.mod.decision` (`predictor` when predictors were trained, else
+/// `router`); its `blk.N.mod_*` tensors are written like every other parameter (f32, ggml
+/// dims = candle's reversed, e.g. `mod_pred_in.weight` `[hidden, dim]` → `[dim, hidden]`).
 pub fn write_gguf(
     path: &Path,
     decoder: &Decoder,
@@ -38,6 +44,14 @@ pub fn write_gguf(
         .metadata("llama.rope.freq_base", MetadataValue::F32(s.rope_base))
         .metadata("llama.attention.layer_norm_rms_epsilon", MetadataValue::F32(s.norm_eps))
         .metadata("llama.context_length", u32_of(s.context));
+    if let Some(r) = &s.routing {
+        let layers = r.layers.iter().map(|&l| i32::try_from(l)).collect::<Result<Vec<i32>, _>>()?;
+        let decision = if r.predictor_hidden > 0 { Decision::Predictor } else { Decision::Router };
+        w.metadata(routing::KEY_LAYERS, MetadataValue::I32Array(layers))
+            .metadata(routing::KEY_CAPACITY, MetadataValue::F32(r.capacity))
+            .metadata(routing::KEY_GATE, MetadataValue::String(Gate::Sigmoid.name().into()))
+            .metadata(routing::KEY_DECISION, MetadataValue::String(decision.name().into()));
+    }
     for (key, value) in notes {
         w.metadata(key, MetadataValue::String(value.clone()));
     }

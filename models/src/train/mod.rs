@@ -8,6 +8,12 @@
 //! quantized post-training by the W4 pipeline (GPTQ on training text), activations 4-bit
 //! at run time.
 //!
+//! Mixture-of-depths (`--mod-layers`): the listed blocks are routed — each sequence's
+//! top `⌈capacity · T⌉` tokens by a learned router score go through the block, the others
+//! skip it — with causal decision mechanisms (router BCE and/or a predictor MLP) learned
+//! alongside for decoding; see [`model`] and `petrel_runtime::routing`. Their agreement
+//! with top-k is logged (`router_agreement`, `predictor_agreement`).
+//!
 //! Recipes: `tiny` = QAT of every linear input (4-bit, learned clips, straight-through) +
 //! kurtosis penalty on every linear output; `standard` = neither. Both train the same
 //! model on the same batches; any setting can be overridden.
@@ -40,7 +46,7 @@ use serde_json::json;
 
 use crate::bpe_train::TrainedTokenizer;
 use crate::corpus;
-use config::{ModelShape, TrainSettings};
+use config::{ModCausal, ModelShape, RoutingShape, TrainSettings};
 use model::Decoder;
 use trainer::Trainer;
 
@@ -148,6 +154,27 @@ pub struct TrainArgs {
     /// Activation clip ratio of the W4A4 file.
     #[arg(long, default_value_t = 1.0)]
     pub act_clip: f32,
+    /// Mixture-of-depths: the routed blocks, a comma-separated list of block indices in
+    /// increasing order (e.g. `1,3,5`: every other block from the second). Omitted: a dense
+    /// model. The other --mod-* options need this one.
+    #[arg(long, value_delimiter = ',', value_name = "BLOCKS")]
+    pub mod_layers: Vec<usize>,
+    /// Fraction of each sequence's tokens a routed block processes, in (0, 1]
+    /// (`⌈capacity · context⌉` tokens per sequence, chosen by router score).
+    #[arg(long, default_value_t = 0.125, requires = "mod_layers")]
+    pub mod_capacity: f32,
+    /// Causal decisions learned for decoding, each by binary cross-entropy against top-k
+    /// membership: `bce` (the router's logit), `predictor` (a small MLP per routed block)
+    /// or `both`. The exported file decodes with the predictor when one was trained.
+    #[arg(long, value_enum, default_value = "both", requires = "mod_layers")]
+    pub mod_causal: ModCausal,
+    /// Hidden width of each routed block's predictor MLP (0 = none; ignored, i.e. 0, with
+    /// --mod-causal bce).
+    #[arg(long, default_value_t = 32, requires = "mod_layers")]
+    pub mod_predictor_hidden: usize,
+    /// Weight of the causal decisions' loss in the optimized loss.
+    #[arg(long, default_value_t = 1.0, requires = "mod_layers")]
+    pub mod_aux_weight: f64,
 }
 
 impl TrainArgs {
@@ -160,6 +187,11 @@ impl TrainArgs {
             kv_heads: self.kv_heads,
             ffn_dim: self.ffn,
             context: self.context,
+            routing: (!self.mod_layers.is_empty()).then(|| RoutingShape {
+                layers: self.mod_layers.clone(),
+                capacity: self.mod_capacity,
+                predictor_hidden: if self.mod_causal == ModCausal::Bce { 0 } else { self.mod_predictor_hidden },
+            }),
             ..ModelShape::tiny()
         }
     }
@@ -180,7 +212,35 @@ impl TrainArgs {
             grad_clip: self.grad_clip,
             qat: self.qat.unwrap_or(recipe_on),
             kurtosis_weight: self.kurtosis_weight.unwrap_or(if recipe_on { 0.01 } else { 0.0 }),
+            mod_causal: self.mod_causal,
+            mod_aux_weight: self.mod_aux_weight,
         }
+    }
+}
+
+/// Adds the routing measurements (mean and per-block agreements, aux loss) to a log entry.
+fn add_routing(entry: &mut serde_json::Value, mod_aux: Option<f64>, layers: &[model::LayerRouting]) {
+    let Some((router, predictor)) = trainer::mean_agreement(layers) else {
+        return;
+    };
+    let per_layer: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|l| json!({"layer": l.layer, "router": l.router_agreement, "predictor": l.predictor_agreement}))
+        .collect();
+    if let Some(map) = entry.as_object_mut() {
+        map.insert("mod_aux".into(), json!(mod_aux));
+        map.insert("router_agreement".into(), json!(router));
+        map.insert("predictor_agreement".into(), json!(predictor));
+        map.insert("agreement_by_layer".into(), json!(per_layer));
+    }
+}
+
+/// ` · agree r 0.93 p 0.95` for the progress line (empty when dense).
+fn agreement_note(layers: &[model::LayerRouting]) -> String {
+    match trainer::mean_agreement(layers) {
+        None => String::new(),
+        Some((r, None)) => format!(" · agree r {r:.3}"),
+        Some((r, Some(p))) => format!(" · agree r {r:.3} p {p:.3}"),
     }
 }
 
@@ -211,6 +271,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let shape = args.shape();
     shape.validate()?;
     let settings = args.settings();
+    if shape.routing.as_ref().is_some_and(|r| r.predictor_hidden == 0) && settings.mod_causal == ModCausal::Predictor {
+        bail!("--mod-causal predictor needs a predictor: --mod-predictor-hidden must be positive");
+    }
     if settings.batch == 0 || settings.steps == 0 || args.checkpoint_every == 0 {
         bail!("--steps, --batch and --checkpoint-every must be positive");
     }
@@ -267,13 +330,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .append(true)
         .open(args.out.join("log.jsonl"))
         .context("opening log.jsonl")?;
-    append_log(
-        &mut log,
-        json!({"event": "start", "step": trainer.step, "shape": shape, "settings": settings,
-               "parameters": shape.parameters(), "forward_flops_per_token": shape.forward_flops_per_token(),
-               "train_tokens": tokens.len(), "data": fingerprint,
-               "threads": candle_core::utils::get_num_threads()}),
-    )?;
+    let mut start = json!({"event": "start", "step": trainer.step, "shape": shape, "settings": settings,
+           "parameters": shape.parameters(), "forward_flops_per_token": shape.forward_flops_per_token(),
+           "train_tokens": tokens.len(), "data": fingerprint,
+           "threads": candle_core::utils::get_num_threads()});
+    if shape.routing.is_some() {
+        if let Some(map) = start.as_object_mut() {
+            map.insert("dense_forward_flops_per_token".into(), json!(shape.dense_forward_flops_per_token()));
+        }
+    }
+    append_log(&mut log, start)?;
     let eval_set = data::heldout_batches(&heldout, args.eval_batches, settings.batch, shape.context)?;
     let tokens_per_step = (settings.batch * shape.context) as f64;
 
@@ -290,22 +356,31 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let elapsed = started.elapsed().as_secs_f64();
         let throughput = (done - first_step) as f64 * tokens_per_step / elapsed.max(1e-9);
         bar.set_position(done as u64);
-        bar.set_message(format!("loss {:.3} · {:.0} tok/s", report.cross_entropy, throughput));
+        bar.set_message(format!(
+            "loss {:.3}{} · {:.0} tok/s",
+            report.cross_entropy,
+            agreement_note(&report.routing),
+            throughput
+        ));
         if done % 10 == 0 || done == settings.steps {
-            append_log(
-                &mut log,
-                json!({"event": "step", "step": done, "loss": report.loss, "cross_entropy": report.cross_entropy,
-                       "kurtosis": report.kurtosis, "lr": report.lr, "grad_norm": report.grad_norm,
-                       "tokens": done as f64 * tokens_per_step, "tokens_per_s": throughput, "elapsed_s": elapsed}),
-            )?;
+            let mut entry = json!({"event": "step", "step": done, "loss": report.loss,
+                   "cross_entropy": report.cross_entropy, "kurtosis": report.kurtosis, "lr": report.lr,
+                   "grad_norm": report.grad_norm, "tokens": done as f64 * tokens_per_step,
+                   "tokens_per_s": throughput, "elapsed_s": elapsed});
+            add_routing(&mut entry, report.mod_aux, &report.routing);
+            append_log(&mut log, entry)?;
         }
         if done % args.eval_every == 0 || done == settings.steps {
-            let heldout_loss = trainer.evaluate(&eval_set)?;
+            let eval = trainer.evaluate(&eval_set)?;
             bar.println(format!(
-                "step {done}: train {:.3}, held-out {heldout_loss:.3} nats/token",
-                report.cross_entropy
+                "step {done}: train {:.3}, held-out {:.3} nats/token{}",
+                report.cross_entropy,
+                eval.loss,
+                agreement_note(&eval.routing)
             ));
-            append_log(&mut log, json!({"event": "eval", "step": done, "heldout_loss": heldout_loss}))?;
+            let mut entry = json!({"event": "eval", "step": done, "heldout_loss": eval.loss});
+            add_routing(&mut entry, eval.mod_aux, &eval.routing);
+            append_log(&mut log, entry)?;
         }
         if done % args.checkpoint_every == 0 || done == settings.steps {
             checkpoint::save(&checkpoint_path, done, &settings, &fingerprint, &trainer.decoder, &trainer.optimizer)?;
@@ -325,7 +400,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if args.w4a4 {
         let w4_path = args.out.join("model-w4a4.gguf");
         let summary = write_w4a4(&f32_path, &w4_path, &train_path, args)?;
-        eprintln!("wrote {} ({} bytes)", w4_path.display(), summary.file_bytes);
+        if shape.routing.is_some() && !carries_routing(&w4_path)? {
+            // A file without the routers would run as a dense model the weights were not
+            // trained for: better none than a silently wrong one.
+            std::fs::remove_file(&w4_path).with_context(|| format!("removing {}", w4_path.display()))?;
+            eprintln!(
+                "warning: petrel quantize dropped the mixture-of-depths routing, so {} was not kept; \
+                 quantize model-f32.gguf once it carries petrel.mod.* through",
+                w4_path.display()
+            );
+        } else {
+            eprintln!("wrote {} ({} bytes)", w4_path.display(), summary.file_bytes);
+        }
     }
     Ok(())
 }
@@ -351,6 +437,13 @@ pub fn write_w4a4(input: &Path, output: &Path, calib: &Path, args: &TrainArgs) -
         head: crate::quantize::TableFormat::Q8_0,
         threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     })
+}
+
+/// Whether the GGUF file at `path` has mixture-of-depths routing metadata.
+fn carries_routing(path: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = petrel_runtime::GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(file.get(petrel_runtime::routing::KEY_LAYERS).is_some())
 }
 
 fn spinner(what: &str) -> ProgressBar {

@@ -8,11 +8,22 @@
 //! interleaved-pair RoPE on the first `head_dim` values of each head, grouped-query
 //! attention, SwiGLU, tied embedding and head. Parameters are named and laid out as in the
 //! GGUF files the runtime reads (`blk.N.attn_q.weight`, rows = outputs), so export is a copy.
+//!
+//! Mixture-of-depths (Raposo et al., 2024), as `petrel_runtime::routing` defines it: in a
+//! routed block a scalar router `r = w · x + b` scores each token's input residual `x`;
+//! the top `⌈capacity · T⌉` tokens of each sequence (chosen by the runtime's own
+//! [`select_top_k`], in position order) go through attention — among themselves, causal
+//! in position order, RoPE at their original positions — and the MLP, and their residual
+//! becomes `x + σ(r) · (block(x) − x)`; the others pass unchanged. The top-k is not
+//! causal, so each routed block also learns causal stand-ins (the router logit's sign
+//! and/or a small predictor MLP's), trained with binary cross-entropy against top-k
+//! membership on the gradient-stopped residual.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use petrel_quant::rng::SplitMix64;
+use petrel_runtime::routing::{routed_count, select_top_k};
 
-use super::config::ModelShape;
+use super::config::{ModCausal, ModelShape};
 use super::fake_quant::initial_clip;
 use super::fused::{self, causal_softmax, fake_quantize};
 
@@ -38,7 +49,10 @@ pub struct Decoder {
     /// The model's shape.
     pub shape: ModelShape,
     /// Parameters: embedding, then per block the nine GGUF tensors and four clip pairs,
-    /// then the final norm.
+    /// then the final norm, then per routed block (increasing) `blk.N.mod_router.weight`
+    /// `[dim]`, `blk.N.mod_router.bias` `[1]` and, with a predictor,
+    /// `blk.N.mod_pred_in.weight` `[hidden, dim]`, `blk.N.mod_pred_in.bias` `[hidden]`,
+    /// `blk.N.mod_pred_out.weight` `[hidden]`, `blk.N.mod_pred_out.bias` `[1]`.
     pub params: Vec<Parameter>,
     rope_cos: Tensor,
     rope_sin: Tensor,
@@ -54,6 +68,9 @@ pub struct ForwardOptions {
     pub clamp: bool,
     /// Return the mean kurtosis of the linear layers' outputs.
     pub kurtosis: bool,
+    /// Which causal decision mechanisms' losses a routed model computes (ignored when
+    /// dense; the agreements are measured either way).
+    pub mod_causal: ModCausal,
 }
 
 /// A forward pass's results.
@@ -63,6 +80,30 @@ pub struct ForwardOutput {
     /// Mean over linear outputs and tokens of the per-token kurtosis across channels
     /// (a scalar), when asked for.
     pub kurtosis: Option<Tensor>,
+    /// The routed blocks' auxiliary loss and decision agreements (routed models only).
+    pub routing: Option<RoutingOutput>,
+}
+
+/// What the routed blocks of a forward pass report.
+pub struct RoutingOutput {
+    /// The causal mechanisms' loss (a scalar, nats): the mean over routed blocks of the sum
+    /// of the trained mechanisms' (per [`ForwardOptions::mod_causal`]) mean-over-tokens
+    /// binary cross-entropy with logits against top-k membership (1 routed, 0 skipped).
+    pub aux_loss: Tensor,
+    /// One entry per routed block, in increasing block order.
+    pub layers: Vec<LayerRouting>,
+}
+
+/// How well one routed block's causal decisions agree with its top-k choice.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerRouting {
+    /// The block's index.
+    pub layer: usize,
+    /// Fraction (0..=1) of the batch's tokens with `(router logit > 0) == routed`.
+    pub router_agreement: f64,
+    /// Fraction (0..=1) of tokens with `(predictor logit > 0) == routed`, when the block
+    /// has a predictor.
+    pub predictor_agreement: Option<f64>,
 }
 
 /// Indices into `params` of one block's tensors.
@@ -82,10 +123,24 @@ impl BlockIndex {
     const LEN: usize = 13;
 }
 
+/// Offsets of one routed block's tensors within its group (after the final norm).
+struct RoutingIndex;
+
+impl RoutingIndex {
+    const ROUTER_WEIGHT: usize = 0;
+    const ROUTER_BIAS: usize = 1;
+    const PRED_IN_WEIGHT: usize = 2;
+    const PRED_IN_BIAS: usize = 3;
+    const PRED_OUT_WEIGHT: usize = 4;
+    const PRED_OUT_BIAS: usize = 5;
+}
+
 impl Decoder {
     /// A freshly initialized decoder: normal(0, 0.02) matrices (output projections
-    /// scaled down), unit norm gains, clips ±4 until [`Decoder::calibrate_clips`].
-    /// Deterministic in `seed`, independent of candle's RNG.
+    /// scaled down), unit norm gains, clips ±4 until [`Decoder::calibrate_clips`]; routers
+    /// normal(0, 0.02) with bias 0, predictors normal with std `1/√fan_in` and zero biases.
+    /// Deterministic in `seed`, independent of candle's RNG (a dense shape's parameters
+    /// do not depend on whether routing code exists: routing draws come last).
     pub fn new(shape: ModelShape, seed: u64) -> Result<Self> {
         let dev = Device::Cpu;
         let mut rng = SplitMix64(seed ^ 0x5EED_F7E7_u64);
@@ -125,12 +180,30 @@ impl Decoder {
             }
         }
         params.push(Parameter { name: "output_norm.weight".into(), var: ones(d)?, decay: false });
+        if let Some(r) = &shape.routing {
+            let zeros = |n: usize| Var::from_tensor(&Tensor::zeros(n, DType::F32, &dev)?);
+            let hidden = r.predictor_hidden;
+            for &l in &r.layers {
+                let p = |name: &str, var: Var| Parameter { name: format!("blk.{l}.{name}"), var, decay: false };
+                let router = normal(1, d, INIT_STD)?.as_tensor().reshape(d)?;
+                params.push(p("mod_router.weight", Var::from_tensor(&router)?));
+                params.push(p("mod_router.bias", zeros(1)?));
+                if hidden > 0 {
+                    params.push(p("mod_pred_in.weight", normal(hidden, d, 1.0 / (d as f64).sqrt())?));
+                    params.push(p("mod_pred_in.bias", zeros(hidden)?));
+                    let out = normal(1, hidden, 1.0 / (hidden as f64).sqrt())?.as_tensor().reshape(hidden)?;
+                    params.push(p("mod_pred_out.weight", Var::from_tensor(&out)?));
+                    params.push(p("mod_pred_out.bias", zeros(1)?));
+                }
+            }
+        }
         Self::from_params(shape, params)
     }
 
     /// A decoder over existing parameters (in [`Decoder::new`]'s order and shapes).
     pub fn from_params(shape: ModelShape, params: Vec<Parameter>) -> Result<Self> {
-        let expected = 1 + shape.layers * BlockIndex::LEN + 1;
+        let routing = shape.routing.as_ref().map_or(0, |r| r.layers.len() * r.tensors_per_layer());
+        let expected = 1 + shape.layers * BlockIndex::LEN + 1 + routing;
         if params.len() != expected {
             candle_core::bail!("{} parameters, expected {expected}", params.len());
         }
@@ -147,7 +220,62 @@ impl Decoder {
     }
 
     fn output_norm(&self) -> &Tensor {
-        self.params[self.params.len() - 1].var.as_tensor()
+        self.params[1 + self.shape.layers * BlockIndex::LEN].var.as_tensor()
+    }
+
+    /// Position of block `layer` among the routed blocks, if it is routed.
+    fn routed_slot(&self, layer: usize) -> Option<usize> {
+        self.shape.routing.as_ref()?.layers.iter().position(|&l| l == layer)
+    }
+
+    /// Tensor `which` ([`RoutingIndex`]) of the routed block in slot `slot`, if present.
+    fn routing_param(&self, slot: usize, which: usize) -> Option<&Tensor> {
+        let r = self.shape.routing.as_ref()?;
+        if which >= r.tensors_per_layer() || slot >= r.layers.len() {
+            return None;
+        }
+        let at = 2 + self.shape.layers * BlockIndex::LEN + slot * r.tensors_per_layer() + which;
+        Some(self.params[at].var.as_tensor())
+    }
+
+    fn slot_of(&self, layer: usize) -> Result<usize> {
+        match self.routed_slot(layer) {
+            Some(slot) => Ok(slot),
+            None => candle_core::bail!("block {layer} is not routed"),
+        }
+    }
+
+    /// The router logits `w · x + b` of routed block `layer` for residuals `x` (`[n, dim]`,
+    /// the block's input, not normalized): `[n]`.
+    pub fn router_logits(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
+        let slot = self.slot_of(layer)?;
+        match (
+            self.routing_param(slot, RoutingIndex::ROUTER_WEIGHT),
+            self.routing_param(slot, RoutingIndex::ROUTER_BIAS),
+        ) {
+            (Some(w), Some(b)) => x.matmul(&w.unsqueeze(1)?)?.squeeze(1)?.broadcast_add(b),
+            _ => candle_core::bail!("block {layer} has no router"),
+        }
+    }
+
+    /// The predictor logits of routed block `layer` for residuals `x` (`[n, dim]`):
+    /// `w_out · silu(W_in · x̂ + b_in) + b_out` with `x̂ = x / √(mean(x²) + norm_eps)` (no
+    /// gain), as the runtime's `Router::predictor_logit`: `[n]`, or `None` without a
+    /// predictor.
+    pub fn predictor_logits(&self, layer: usize, x: &Tensor) -> Result<Option<Tensor>> {
+        let slot = self.slot_of(layer)?;
+        let param = |which| self.routing_param(slot, which);
+        let (Some(w_in), Some(b_in), Some(w_out), Some(b_out)) = (
+            param(RoutingIndex::PRED_IN_WEIGHT),
+            param(RoutingIndex::PRED_IN_BIAS),
+            param(RoutingIndex::PRED_OUT_WEIGHT),
+            param(RoutingIndex::PRED_OUT_BIAS),
+        ) else {
+            return Ok(None);
+        };
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.shape.norm_eps as f64)?.sqrt()?.recip()?;
+        let hidden = x.broadcast_mul(&inv_rms)?.matmul(&w_in.t()?)?.broadcast_add(b_in)?.silu()?;
+        Ok(Some(hidden.matmul(&w_out.unsqueeze(1)?)?.squeeze(1)?.broadcast_add(b_out)?))
     }
 
     /// Sets every clip pair to `ratio` times the range its activation takes on `tokens`
@@ -168,56 +296,23 @@ impl Decoder {
     fn run(&self, tokens: &Tensor, options: ForwardOptions, calibrate: Option<f32>) -> Result<ForwardOutput> {
         let s = &self.shape;
         let (batch, t) = tokens.dims2()?;
-        let (hd, h, kvh) = (s.head_dim(), s.heads, s.kv_heads);
         let cos = self.rope_cos.narrow(0, 0, t)?;
         let sin = self.rope_sin.narrow(0, 0, t)?;
         let mut kurtosis_terms: Vec<Tensor> = Vec::new();
+        let mut aux_terms: Vec<Tensor> = Vec::new();
+        let mut agreements: Vec<LayerRouting> = Vec::new();
         let mut x = self.embedding().embedding(&tokens.flatten_all()?)?.reshape((batch, t, s.dim))?;
         for l in 0..s.layers {
-            let w = |i: usize| self.block(l, i);
-            let quantize_input = |a: &Tensor, site: usize| -> Result<Tensor> {
-                let clip = &self.params[1 + l * BlockIndex::LEN + BlockIndex::CLIPS + site].var;
-                if !options.fake_quant {
-                    if !options.clamp {
-                        return Ok(a.clone());
-                    }
-                    let (lo, hi) = (clip.as_tensor().narrow(0, 0, 1)?, clip.as_tensor().narrow(0, 1, 1)?);
-                    return a.broadcast_maximum(&lo)?.broadcast_minimum(&hi);
+            let step = BlockStep { layer: l, options, calibrate };
+            x = match self.routed_slot(l) {
+                None => self.block_forward(&step, &x, &cos, &sin, &mut kurtosis_terms)?,
+                Some(_) => {
+                    let routed = self.routed_block(&step, &x, &mut kurtosis_terms)?;
+                    aux_terms.push(routed.aux_loss);
+                    agreements.push(routed.agreement);
+                    routed.output
                 }
-                if let Some(ratio) = calibrate {
-                    let [lo, hi] = initial_clip(a)?;
-                    clip.set(&Tensor::new(&[lo * ratio, hi * ratio], &Device::Cpu)?)?;
-                }
-                fake_quantize(a, clip.as_tensor())
             };
-            let mut linear = |a: &Tensor, weight: &Tensor| -> Result<Tensor> {
-                let out = matmul_rows(a, weight)?;
-                if options.kurtosis {
-                    kurtosis_terms.push(mean_kurtosis(&out)?);
-                }
-                Ok(out)
-            };
-
-            let a = rms_norm(&x, w(BlockIndex::ATTN_NORM), s.norm_eps)?;
-            let a = quantize_input(&a, 0)?;
-            let q = linear(&a, w(BlockIndex::Q))?.reshape((batch, t, h, hd))?.transpose(1, 2)?;
-            let k = linear(&a, w(BlockIndex::K))?.reshape((batch, t, kvh, hd))?.transpose(1, 2)?;
-            let v = linear(&a, w(BlockIndex::V))?.reshape((batch, t, kvh, hd))?.transpose(1, 2)?;
-            let q = rope(&q, &cos, &sin)?;
-            let k = repeat_kv(&rope(&k, &cos, &sin)?, h / kvh)?;
-            let v = repeat_kv(&v.contiguous()?, h / kvh)?;
-            let probs = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f32).sqrt())?;
-            let attended = probs.matmul(&v)?;
-            let attended = attended.transpose(1, 2)?.reshape((batch, t, s.dim))?;
-            let attended = quantize_input(&attended, 1)?;
-            x = (x + linear(&attended, w(BlockIndex::O))?)?;
-
-            let m = rms_norm(&x, w(BlockIndex::FFN_NORM), s.norm_eps)?;
-            let m = quantize_input(&m, 2)?;
-            let gate = linear(&m, w(BlockIndex::GATE))?;
-            let up = linear(&m, w(BlockIndex::UP))?;
-            let hidden = quantize_input(&(gate.silu()? * up)?, 3)?;
-            x = (x + linear(&hidden, w(BlockIndex::DOWN))?)?;
         }
         let x = rms_norm(&x, self.output_norm(), s.norm_eps)?;
         let logits = matmul_rows(&x, self.embedding())?;
@@ -227,8 +322,195 @@ impl Decoder {
         } else {
             None
         };
-        Ok(ForwardOutput { logits, kurtosis })
+        let routing = if aux_terms.is_empty() {
+            None
+        } else {
+            let n = aux_terms.len() as f64;
+            Some(RoutingOutput { aux_loss: (Tensor::stack(&aux_terms, 0)?.sum_all()? / n)?, layers: agreements })
+        };
+        Ok(ForwardOutput { logits, kurtosis, routing })
     }
+
+    /// One block (attention and MLP, residuals added) on `x` (`[batch, n, dim]`), the
+    /// tokens attending causally in their order, with RoPE tables `cos`/`sin` that
+    /// broadcast against `[batch, heads, n, head_dim / 2]` (`[n, hd/2]` for positions
+    /// `0..n`, `[batch, 1, n, hd/2]` for gathered positions).
+    fn block_forward(
+        &self,
+        step: &BlockStep,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kurtosis_terms: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let s = &self.shape;
+        let (l, options, calibrate) = (step.layer, step.options, step.calibrate);
+        let (batch, t, _) = x.dims3()?;
+        let (hd, h, kvh) = (s.head_dim(), s.heads, s.kv_heads);
+        let w = |i: usize| self.block(l, i);
+        let quantize_input = |a: &Tensor, site: usize| -> Result<Tensor> {
+            let clip = &self.params[1 + l * BlockIndex::LEN + BlockIndex::CLIPS + site].var;
+            if !options.fake_quant {
+                if !options.clamp {
+                    return Ok(a.clone());
+                }
+                let (lo, hi) = (clip.as_tensor().narrow(0, 0, 1)?, clip.as_tensor().narrow(0, 1, 1)?);
+                return a.broadcast_maximum(&lo)?.broadcast_minimum(&hi);
+            }
+            if let Some(ratio) = calibrate {
+                let [lo, hi] = initial_clip(a)?;
+                clip.set(&Tensor::new(&[lo * ratio, hi * ratio], &Device::Cpu)?)?;
+            }
+            fake_quantize(a, clip.as_tensor())
+        };
+        let mut linear = |a: &Tensor, weight: &Tensor| -> Result<Tensor> {
+            let out = matmul_rows(a, weight)?;
+            if options.kurtosis {
+                kurtosis_terms.push(mean_kurtosis(&out)?);
+            }
+            Ok(out)
+        };
+
+        let a = rms_norm(x, w(BlockIndex::ATTN_NORM), s.norm_eps)?;
+        let a = quantize_input(&a, 0)?;
+        let q = linear(&a, w(BlockIndex::Q))?.reshape((batch, t, h, hd))?.transpose(1, 2)?;
+        let k = linear(&a, w(BlockIndex::K))?.reshape((batch, t, kvh, hd))?.transpose(1, 2)?;
+        let v = linear(&a, w(BlockIndex::V))?.reshape((batch, t, kvh, hd))?.transpose(1, 2)?;
+        let q = rope(&q, cos, sin)?;
+        let k = repeat_kv(&rope(&k, cos, sin)?, h / kvh)?;
+        let v = repeat_kv(&v.contiguous()?, h / kvh)?;
+        let probs = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f32).sqrt())?;
+        let attended = probs.matmul(&v)?;
+        let attended = attended.transpose(1, 2)?.reshape((batch, t, s.dim))?;
+        let attended = quantize_input(&attended, 1)?;
+        let x = (x + linear(&attended, w(BlockIndex::O))?)?;
+
+        let m = rms_norm(&x, w(BlockIndex::FFN_NORM), s.norm_eps)?;
+        let m = quantize_input(&m, 2)?;
+        let gate = linear(&m, w(BlockIndex::GATE))?;
+        let up = linear(&m, w(BlockIndex::UP))?;
+        let hidden = quantize_input(&(gate.silu()? * up)?, 3)?;
+        x + linear(&hidden, w(BlockIndex::DOWN))?
+    }
+
+    /// Runs block `layer` densely on `x` (`[batch, n, dim]`) whose tokens sit at
+    /// `positions` (`[batch, n]` u32, increasing along each row, each below the context):
+    /// they attend causally among themselves, with RoPE at those positions. What a routed
+    /// block does with its chosen tokens (exposed for reference computations).
+    pub fn block_at_positions(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        options: ForwardOptions,
+    ) -> Result<Tensor> {
+        let (batch, n) = positions.dims2()?;
+        let (cos, sin) = self.rope_at(&positions.flatten_all()?, batch, n)?;
+        let step = BlockStep { layer, options, calibrate: None };
+        let mut kurtosis_terms = Vec::new();
+        self.block_forward(&step, x, &cos, &sin, &mut kurtosis_terms)
+    }
+
+    /// RoPE tables at `positions` (`[batch · n]` u32): `[batch, 1, n, head_dim / 2]` each.
+    fn rope_at(&self, positions: &Tensor, batch: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let pairs = self.shape.head_dim() / 2;
+        let cos = self.rope_cos.index_select(positions, 0)?.reshape((batch, 1, n, pairs))?;
+        let sin = self.rope_sin.index_select(positions, 0)?.reshape((batch, 1, n, pairs))?;
+        Ok((cos, sin))
+    }
+
+    /// A routed block on `x` (`[batch, T, dim]`): top-k by router score per sequence,
+    /// the block on those tokens only, the gated update scattered back, and the causal
+    /// mechanisms' losses and agreements.
+    fn routed_block(&self, step: &BlockStep, x: &Tensor, kurtosis_terms: &mut Vec<Tensor>) -> Result<RoutedBlock> {
+        let Some(routing) = &self.shape.routing else {
+            candle_core::bail!("routed_block on a dense model");
+        };
+        let (l, causal) = (step.layer, step.options.mod_causal);
+        let (batch, t, d) = x.dims3()?;
+        let k = routed_count(routing.capacity, t);
+        let flat = x.reshape((batch * t, d))?;
+        let logits = self.router_logits(l, &flat)?;
+        // Top-k on a copy of the scores: the choice itself has no gradient.
+        let scores: Vec<f32> = logits.to_vec1()?;
+        let mut order = vec![0u32; t];
+        let mut chosen = Vec::with_capacity(batch * k);
+        let mut positions = Vec::with_capacity(batch * k);
+        let mut member = vec![0f32; batch * t];
+        for (row, row_scores) in scores.chunks_exact(t).enumerate() {
+            for &i in select_top_k(row_scores, k, &mut order) {
+                let at = row * t + i as usize;
+                chosen.push(at as u32);
+                positions.push(i);
+                member[at] = 1.0;
+            }
+        }
+        let dev = x.device();
+        let chosen = Tensor::from_vec(chosen, batch * k, dev)?;
+        let (cos, sin) = self.rope_at(&Tensor::from_vec(positions, batch * k, dev)?, batch, k)?;
+        let selected = flat.index_select(&chosen, 0)?;
+        let out = self.block_forward(step, &selected.reshape((batch, k, d))?, &cos, &sin, kurtosis_terms)?;
+        let gate = sigmoid(&logits.index_select(&chosen, 0)?)?.unsqueeze(1)?;
+        let update = (out.reshape((batch * k, d))? - &selected)?.broadcast_mul(&gate)?;
+        let output = flat.index_add(&chosen, &update, 0)?.reshape((batch, t, d))?;
+
+        // The causal mechanisms see the residual with its gradient stopped.
+        let agree = |logits: &[f32]| -> f64 {
+            let hits = logits.iter().zip(&member).filter(|&(&z, &m)| (z > 0.0) == (m > 0.5)).count();
+            hits as f64 / member.len().max(1) as f64
+        };
+        let router_agreement = agree(&scores);
+        let membership = Tensor::from_vec(member.clone(), batch * t, dev)?;
+        let detached = flat.detach();
+        let mut aux_loss = Tensor::zeros((), DType::F32, dev)?;
+        if causal.trains_router() {
+            aux_loss = (aux_loss + bce_with_logits(&self.router_logits(l, &detached)?, &membership)?)?;
+        }
+        let predictor_agreement = match self.predictor_logits(l, &detached)? {
+            Some(p) => {
+                let agreement = agree(&p.to_vec1::<f32>()?);
+                if causal.trains_predictor() {
+                    aux_loss = (aux_loss + bce_with_logits(&p, &membership)?)?;
+                }
+                Some(agreement)
+            }
+            None => None,
+        };
+        Ok(RoutedBlock {
+            output,
+            aux_loss,
+            agreement: LayerRouting { layer: l, router_agreement, predictor_agreement },
+        })
+    }
+}
+
+/// What a block computes besides its input: its index and the pass's options.
+struct BlockStep {
+    layer: usize,
+    options: ForwardOptions,
+    /// Set each clip pair to this ratio of its activation's range first.
+    calibrate: Option<f32>,
+}
+
+/// A routed block's results.
+struct RoutedBlock {
+    /// The new residual, `[batch, T, dim]`.
+    output: Tensor,
+    /// The block's causal-mechanism loss (a scalar).
+    aux_loss: Tensor,
+    agreement: LayerRouting,
+}
+
+/// `σ(z) = 1 / (1 + e^{−z})`, composed so that it has a backward pass.
+fn sigmoid(z: &Tensor) -> Result<Tensor> {
+    (z.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// Mean binary cross-entropy (nats) of logits `z` against targets `y` in {0, 1} (same
+/// shape): `mean(max(z, 0) − z·y + ln(1 + e^{−|z|}))`, stable for any `z`.
+fn bce_with_logits(z: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let softplus = (z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    (softplus - (z * y)?)?.mean_all()
 }
 
 /// `a · weightᵀ` for activations `[batch, T, in]` and a weight `[out, in]`, as one 2-D
@@ -263,7 +545,8 @@ fn rope_tables(shape: &ModelShape) -> Result<(Tensor, Tensor)> {
 }
 
 /// Rotates adjacent pairs `(x[2i], x[2i+1])` of each head of `x` (`[batch, heads, T, hd]`)
-/// by the angles of `cos`/`sin` (`[T, hd/2]`).
+/// by the angles of `cos`/`sin` (`[T, hd/2]`, or `[batch, 1, T, hd/2]` for per-sequence
+/// positions; any shape that broadcasts to `[batch, heads, T, hd/2]`).
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, t, hd) = x.dims4()?;
     let pairs = x.contiguous()?.reshape((b, h, t, hd / 2, 2))?;
