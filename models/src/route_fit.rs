@@ -57,6 +57,10 @@ pub struct RouteFitArgs {
     /// an explicit list `3+5+7`; repeat the flag for several files.
     #[arg(long, default_value = "auto:8")]
     pub layers: Vec<String>,
+    /// The first N positions of the context go through every routed block (attention
+    /// sinks: pretrained models lean on the first tokens' keys in every layer).
+    #[arg(long, default_value_t = 1)]
+    pub sink_tokens: usize,
     /// Calibration tokens (consecutive windows of --window tokens).
     #[arg(long, default_value_t = 16_384)]
     pub calib_tokens: usize,
@@ -278,13 +282,15 @@ fn write_routed(
     fitted: &[FittedRouter],
     layers: &[usize],
     capacity: f32,
+    sink_tokens: usize,
     path: &Path,
 ) -> Result<()> {
     let mut w = GgufWriter::copy_of(source, |name| !name.starts_with("petrel.mod.") && !name.contains(".mod_"));
     w.metadata(routing::KEY_LAYERS, MetadataValue::I32Array(layers.iter().map(|&l| l as i32).collect()))
         .metadata(routing::KEY_CAPACITY, MetadataValue::F32(capacity))
         .metadata(routing::KEY_GATE, MetadataValue::String(Gate::None.name().into()))
-        .metadata(routing::KEY_DECISION, MetadataValue::String("router".into()));
+        .metadata(routing::KEY_DECISION, MetadataValue::String("router".into()))
+        .metadata(routing::KEY_SINK_TOKENS, MetadataValue::U32(sink_tokens as u32));
     for &l in layers {
         let r = &fitted[l];
         w.tensor(
@@ -380,7 +386,7 @@ pub fn run(args: &RouteFitArgs) -> Result<()> {
             let chosen = resolve_layers(spec, &fitted, capacity)?;
             let name = format!("route-c{capacity}-{}.gguf", spec.replace(':', ""));
             let out = args.out.join(&name);
-            write_routed(&gguf, &fitted, &chosen, capacity, &out)?;
+            write_routed(&gguf, &fitted, &chosen, capacity, args.sink_tokens, &out)?;
             eprintln!("wrote {} (blocks {chosen:?}, capacity {capacity})", out.display());
             outputs.push(format!(
                 "    {{\"file\": \"{name}\", \"capacity\": {capacity}, \"spec\": \"{spec}\", \"blocks\": {chosen:?}}}"

@@ -286,15 +286,24 @@ fn forward_batch(
         for t in 0..n {
             s.scores[t] = router.score(&s.x[t * dim..(t + 1) * dim]);
         }
+        // Attention-sink tokens (the first `sink_tokens` positions) always go through.
+        let sinks = mod_config.sink_tokens.saturating_sub(position).min(n);
         let chosen = match (routing, n) {
             (PrefillRouting::TopK, _) if n > 1 => {
-                let k = routing::routed_count(mod_config.capacity, n);
-                routing::select_top_k(&s.scores[..n], k, &mut s.order).len()
+                let k = routing::routed_count(mod_config.capacity, n).max(sinks);
+                let rest = routing::select_top_k(&s.scores[sinks..n], k - sinks, &mut s.order[sinks..]).len();
+                for i in 0..sinks {
+                    s.order[i] = i as u32;
+                }
+                for i in &mut s.order[sinks..sinks + rest] {
+                    *i += sinks as u32;
+                }
+                sinks + rest
             }
             _ => {
                 let mut m = 0;
                 for t in 0..n {
-                    if router.routes(mod_config.decision, &s.x[t * dim..(t + 1) * dim], c.norm_eps) {
+                    if t < sinks || router.routes(mod_config.decision, &s.x[t * dim..(t + 1) * dim], c.norm_eps) {
                         s.order[m] = t as u32;
                         m += 1;
                     }

@@ -14,7 +14,8 @@
 //!
 //! In the file: `petrel.mod.layers` (array of block indices, increasing),
 //! `petrel.mod.capacity` (f32 in (0, 1]), `petrel.mod.gate` (`sigmoid` | `none`),
-//! `petrel.mod.decision` (`router` | `predictor`), and per routed block N the f32 tensors
+//! `petrel.mod.decision` (`router` | `predictor`), optionally `petrel.mod.sink_tokens`
+//! (positions that always go through, default 0), and per routed block N the f32 tensors
 //! `blk.N.mod_router.weight` (`dim`), `blk.N.mod_router.bias` (1) and, for the predictor,
 //! `blk.N.mod_pred_in.weight` (`hidden × dim`, ggml dims `[dim, hidden]`),
 //! `blk.N.mod_pred_in.bias` (`hidden`), `blk.N.mod_pred_out.weight` (`hidden`),
@@ -34,6 +35,9 @@ pub const KEY_CAPACITY: &str = "petrel.mod.capacity";
 pub const KEY_GATE: &str = "petrel.mod.gate";
 /// Metadata key: the causal decision used at decode (`router` or `predictor`).
 pub const KEY_DECISION: &str = "petrel.mod.decision";
+/// Metadata key (optional, default 0): the first this many positions of the context go
+/// through every routed block whatever their score.
+pub const KEY_SINK_TOKENS: &str = "petrel.mod.sink_tokens";
 
 /// How a routed token's block output enters the residual stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +157,11 @@ pub struct MixtureOfDepths {
     pub gate: Gate,
     /// The causal decision used when decoding (callers may switch it to compare).
     pub decision: Decision,
+    /// The first `sink_tokens` positions always go through every routed block. Pretrained
+    /// models concentrate attention on the first tokens (attention sinks, Xiao et al.
+    /// 2023); a block that loses their keys and values attends very differently. Within
+    /// top-k they count towards `k` (which grows to hold them if needed).
+    pub sink_tokens: usize,
     /// One entry per block: its router, or `None` for a block every token goes through.
     routers: Vec<Option<Router>>,
 }
@@ -203,6 +212,13 @@ impl MixtureOfDepths {
             Some(_) => return Err(bad(KEY_DECISION, "expected \"router\" or \"predictor\"")),
             None => return Err(ModelError::MissingMetadata(KEY_DECISION.to_string())),
         };
+        let sink_tokens = match file.get(KEY_SINK_TOKENS) {
+            None => 0,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or(bad(KEY_SINK_TOKENS, "expected a non-negative integer"))?,
+        };
         for &l in &integers {
             let name = |suffix: &str| alloc::format!("blk.{l}.{suffix}");
             let weight = finite_vector(file, &name("mod_router.weight"), Some(dim))?;
@@ -231,7 +247,7 @@ impl MixtureOfDepths {
             };
             routers[l as usize] = Some(Router { weight, bias, predictor });
         }
-        Ok(Some(MixtureOfDepths { capacity, gate, decision, routers }))
+        Ok(Some(MixtureOfDepths { capacity, gate, decision, sink_tokens, routers }))
     }
 
     /// The router of block `layer`, if it is routed.

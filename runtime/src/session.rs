@@ -166,6 +166,11 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache.len(layer)
     }
 
+    /// Positions of the tokens that have gone through block `layer`, increasing.
+    pub fn positions_through(&self, layer: usize) -> &[u32] {
+        self.cache.positions(layer)
+    }
+
     /// The kernels in use.
     pub fn kernels(&self) -> Kernels {
         self.kernels

@@ -21,7 +21,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use petrel_quant::rng::SplitMix64;
-use petrel_runtime::routing::{routed_count, select_top_k};
+use petrel_runtime::routing::{routed_count, select_top_k, Decision};
 
 use super::config::{ModCausal, ModelShape};
 use super::fake_quant::initial_clip;
@@ -71,6 +71,9 @@ pub struct ForwardOptions {
     /// Which causal decision mechanisms' losses a routed model computes (ignored when
     /// dense; the agreements are measured either way).
     pub mod_causal: ModCausal,
+    /// Route each token by this causal decision (logit > 0) instead of top-k, as the
+    /// runtime does when decoding (evaluation only: the count per sequence varies).
+    pub causal_routing: Option<Decision>,
 }
 
 /// A forward pass's results.
@@ -92,6 +95,9 @@ pub struct RoutingOutput {
     pub aux_loss: Tensor,
     /// One entry per routed block, in increasing block order.
     pub layers: Vec<LayerRouting>,
+    /// Per routed block (same order), the tokens it processed, as flat indices
+    /// `row · T + position`, increasing.
+    pub routed_tokens: Vec<Vec<u32>>,
 }
 
 /// How well one routed block's causal decisions agree with its top-k choice.
@@ -301,6 +307,7 @@ impl Decoder {
         let mut kurtosis_terms: Vec<Tensor> = Vec::new();
         let mut aux_terms: Vec<Tensor> = Vec::new();
         let mut agreements: Vec<LayerRouting> = Vec::new();
+        let mut routed_tokens: Vec<Vec<u32>> = Vec::new();
         let mut x = self.embedding().embedding(&tokens.flatten_all()?)?.reshape((batch, t, s.dim))?;
         for l in 0..s.layers {
             let step = BlockStep { layer: l, options, calibrate };
@@ -310,6 +317,7 @@ impl Decoder {
                     let routed = self.routed_block(&step, &x, &mut kurtosis_terms)?;
                     aux_terms.push(routed.aux_loss);
                     agreements.push(routed.agreement);
+                    routed_tokens.push(routed.chosen);
                     routed.output
                 }
             };
@@ -326,7 +334,11 @@ impl Decoder {
             None
         } else {
             let n = aux_terms.len() as f64;
-            Some(RoutingOutput { aux_loss: (Tensor::stack(&aux_terms, 0)?.sum_all()? / n)?, layers: agreements })
+            Some(RoutingOutput {
+                aux_loss: (Tensor::stack(&aux_terms, 0)?.sum_all()? / n)?,
+                layers: agreements,
+                routed_tokens,
+            })
         };
         Ok(ForwardOutput { logits, kurtosis, routing })
     }
@@ -428,31 +440,71 @@ impl Decoder {
         };
         let (l, causal) = (step.layer, step.options.mod_causal);
         let (batch, t, d) = x.dims3()?;
-        let k = routed_count(routing.capacity, t);
         let flat = x.reshape((batch * t, d))?;
         let logits = self.router_logits(l, &flat)?;
-        // Top-k on a copy of the scores: the choice itself has no gradient.
+        // The choice itself has no gradient: it is made on copies of the logits.
         let scores: Vec<f32> = logits.to_vec1()?;
-        let mut order = vec![0u32; t];
-        let mut chosen = Vec::with_capacity(batch * k);
-        let mut positions = Vec::with_capacity(batch * k);
         let mut member = vec![0f32; batch * t];
-        for (row, row_scores) in scores.chunks_exact(t).enumerate() {
-            for &i in select_top_k(row_scores, k, &mut order) {
-                let at = row * t + i as usize;
-                chosen.push(at as u32);
-                positions.push(i);
-                member[at] = 1.0;
+        let mut chosen: Vec<u32> = Vec::new();
+        match step.options.causal_routing {
+            None => {
+                let k = routed_count(routing.capacity, t);
+                let mut order = vec![0u32; t];
+                for (row, row_scores) in scores.chunks_exact(t).enumerate() {
+                    for &i in select_top_k(row_scores, k, &mut order) {
+                        chosen.push((row * t) as u32 + i);
+                    }
+                }
+            }
+            Some(decision) => {
+                let decisions: Vec<f32> = match decision {
+                    Decision::Router => scores.clone(),
+                    Decision::Predictor => match self.predictor_logits(l, &flat)? {
+                        Some(p) => p.to_vec1()?,
+                        None => candle_core::bail!("block {l} has no predictor"),
+                    },
+                };
+                chosen.extend((0..batch * t).filter(|&i| decisions[i] > 0.0).map(|i| i as u32));
             }
         }
+        for &i in &chosen {
+            member[i as usize] = 1.0;
+        }
         let dev = x.device();
-        let chosen = Tensor::from_vec(chosen, batch * k, dev)?;
-        let (cos, sin) = self.rope_at(&Tensor::from_vec(positions, batch * k, dev)?, batch, k)?;
-        let selected = flat.index_select(&chosen, 0)?;
-        let out = self.block_forward(step, &selected.reshape((batch, k, d))?, &cos, &sin, kurtosis_terms)?;
-        let gate = sigmoid(&logits.index_select(&chosen, 0)?)?.unsqueeze(1)?;
-        let update = (out.reshape((batch * k, d))? - &selected)?.broadcast_mul(&gate)?;
-        let output = flat.index_add(&chosen, &update, 0)?.reshape((batch, t, d))?;
+        let gated_update = |ids: &[u32], rows: usize, n: usize, kurtosis_terms: &mut Vec<Tensor>| -> Result<Tensor> {
+            let positions: Vec<u32> = ids.iter().map(|&i| i % t as u32).collect();
+            let (cos, sin) = self.rope_at(&Tensor::from_vec(positions, rows * n, dev)?, rows, n)?;
+            let ids = Tensor::from_vec(ids.to_vec(), rows * n, dev)?;
+            let selected = flat.index_select(&ids, 0)?;
+            let out = self.block_forward(step, &selected.reshape((rows, n, d))?, &cos, &sin, kurtosis_terms)?;
+            let gate = sigmoid(&logits.index_select(&ids, 0)?)?.unsqueeze(1)?;
+            (out.reshape((rows * n, d))? - &selected)?.broadcast_mul(&gate)
+        };
+        let update = match step.options.causal_routing {
+            // Top-k: every row routes k tokens, so the rows form one batch.
+            None => Some(gated_update(&chosen, batch, chosen.len() / batch, kurtosis_terms)?),
+            // Causal decisions: counts differ per row; each row's tokens form a sequence.
+            Some(_) => {
+                let mut updates = Vec::new();
+                for row in 0..batch {
+                    let ids: Vec<u32> = chosen.iter().copied().filter(|&i| i as usize / t == row).collect();
+                    if !ids.is_empty() {
+                        updates.push(gated_update(&ids, 1, ids.len(), kurtosis_terms)?);
+                    }
+                }
+                if updates.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::cat(&updates, 0)?)
+                }
+            }
+        };
+        let output = match update {
+            Some(update) => flat
+                .index_add(&Tensor::from_vec(chosen.clone(), chosen.len(), dev)?, &update, 0)?
+                .reshape((batch, t, d))?,
+            None => x.clone(),
+        };
 
         // The causal mechanisms see the residual with its gradient stopped.
         let agree = |logits: &[f32]| -> f64 {
@@ -478,6 +530,7 @@ impl Decoder {
         };
         Ok(RoutedBlock {
             output,
+            chosen,
             aux_loss,
             agreement: LayerRouting { layer: l, router_agreement, predictor_agreement },
         })
@@ -496,6 +549,8 @@ struct BlockStep {
 struct RoutedBlock {
     /// The new residual, `[batch, T, dim]`.
     output: Tensor,
+    /// The tokens the block processed (flat indices `row · T + position`, increasing).
+    chosen: Vec<u32>,
     /// The block's causal-mechanism loss (a scalar).
     aux_loss: Tensor,
     agreement: LayerRouting,

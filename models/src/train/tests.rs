@@ -617,3 +617,89 @@ fn bad_routing_shapes_are_refused_and_flops_shrink_with_capacity() -> anyhow::Re
     assert_eq!(full.parameters(), dense.parameters() + 2 * (dense.dim + 1));
     Ok(())
 }
+
+/// The runtime runs an exported routed model as the trainer does: with top-k over the whole
+/// prompt (one prefill batch) and, decoding token by token, with the predictor's or the
+/// router's causal decision — the same tokens through each routed block and the same
+/// logits.
+#[test]
+fn routed_export_runs_in_the_runtime_as_in_the_trainer() -> anyhow::Result<()> {
+    use petrel_runtime::routing::{Decision, PrefillRouting};
+    use petrel_runtime::{GgufFile, Model, Session, SessionOptions};
+
+    let tokenizer = toy_tokenizer()?;
+    let shape = routed_shape(0.25, 8);
+    let decoder = Decoder::new(shape.clone(), 22)?;
+    for p in decoder.params.iter().filter(|p| p.decay) {
+        p.var.set(&(p.var.as_tensor() * 8.0)?)?;
+    }
+    // Routers and predictors far from their initialization, biased so that the causal
+    // decisions route some tokens and skip others.
+    for p in decoder.params.iter().filter(|p| p.name.contains(".mod_")) {
+        let factor = if p.name.ends_with("router.weight") { 20.0 } else { 3.0 };
+        let scaled = (p.var.as_tensor() * factor)?;
+        p.var.set(&scaled)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("routed.gguf");
+    super::export::write_gguf(&path, &decoder, &tokenizer, false, &[])?;
+    let bytes = std::fs::read(&path)?;
+    let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut model = Model::load(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokens = tokenizer.runtime_tokenizer()?.encode("it was the best of times, it was the worst of times", false);
+    let n = tokens.len();
+    assert!(n > 8 && n <= shape.context);
+    let inputs = Tensor::from_vec(tokens.clone(), (1, n), &Device::Cpu)?;
+    let vocab = shape.vocab;
+    let close = |runtime: &[f32], trainer: &[f32], what: &str| {
+        let scale = trainer.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = runtime.iter().zip(trainer).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(scale > 1.0 && worst <= 1e-4 * scale, "{what}: largest logit difference {worst} (scale {scale})");
+    };
+
+    // Prefill: top-k over the prompt.
+    let trained = decoder.forward(&inputs, ForwardOptions::default())?;
+    let routed = trained.routing.expect("routed model").routed_tokens;
+    let options = SessionOptions { capacity: n, max_batch: n, threads: 2, ..SessionOptions::default() };
+    let mut session = Session::new(&model, options)?;
+    let mut runtime_logits = vec![0f32; n * vocab];
+    session.prefill_all_logits(&tokens, &mut runtime_logits)?;
+    for (chosen, layer) in routed.iter().zip([0, 2]) {
+        assert_eq!(chosen.len(), petrel_runtime::routing::routed_count(0.25, n));
+        assert_eq!(session.positions_through(layer), chosen.as_slice(), "top-k of block {layer}");
+    }
+    close(&runtime_logits, &trained.logits.flatten_all()?.to_vec1()?, "top-k prefill");
+
+    // Decoding one token at a time: each token by the causal decision.
+    for decision in [Decision::Predictor, Decision::Router] {
+        model.routing.as_mut().expect("routed").decision = decision;
+        let options = ForwardOptions { causal_routing: Some(decision), ..ForwardOptions::default() };
+        let trained = decoder.forward(&inputs, options)?;
+        let routed = trained.routing.expect("routed model").routed_tokens;
+        let options = SessionOptions { capacity: n, threads: 1, ..SessionOptions::default() };
+        let mut session = Session::new(&model, options)?;
+        let mut decoded = Vec::with_capacity(n * vocab);
+        for &token in &tokens {
+            decoded.extend_from_slice(session.step(token)?);
+        }
+        for (chosen, layer) in routed.iter().zip([0, 2]) {
+            assert!(
+                !chosen.is_empty() && chosen.len() < n,
+                "{decision:?}: block {layer} routes {} of {n}",
+                chosen.len()
+            );
+            assert_eq!(session.positions_through(layer), chosen.as_slice(), "{decision:?} decisions of block {layer}");
+        }
+        close(&decoded, &trained.logits.flatten_all()?.to_vec1()?, "causal decode");
+
+        // A causal prefill of the whole prompt routes exactly as decoding did.
+        let options =
+            SessionOptions { capacity: n, prefill_routing: PrefillRouting::Causal, ..SessionOptions::default() };
+        let mut session = Session::new(&model, options)?;
+        session.prefill(&tokens)?;
+        for (chosen, layer) in routed.iter().zip([0, 2]) {
+            assert_eq!(session.positions_through(layer), chosen.as_slice());
+        }
+    }
+    Ok(())
+}

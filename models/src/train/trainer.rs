@@ -83,6 +83,7 @@ impl Trainer {
             kurtosis: self.settings.kurtosis_weight > 0.0,
             clamp: false,
             mod_causal: self.settings.mod_causal,
+            causal_routing: None,
         }
     }
 
