@@ -7,11 +7,15 @@
 //! tokens/s = 128 / time. Each figure is the best of `--repetitions` runs, which filters
 //! the noise of a shared machine. Ratios are taken between numbers of this run only.
 //!
+//! `petrel-bench mod` ([`mod_bench`]) compares a mixture-of-depths model with the same
+//! model dense.
+//!
 //! `petrel-bench w4a4` ([`w4a4`]) compares Petrel's W4A4 path with llama.cpp's Q4_0 one:
 //! kernel throughput on SmolLM2's shapes against the machine's int8 peak, and end-to-end
 //! prefill and decode.
 
 mod kernels;
+mod mod_bench;
 mod peak;
 mod timing;
 mod w4a4;
@@ -48,6 +52,10 @@ enum BenchCommand {
     /// thread, against the measured int8 peak) and end-to-end prefill and decode; writes
     /// bench/results/w4a4.{json,md}.
     W4a4(w4a4::W4a4Args),
+    /// A mixture-of-depths model against the same model dense: prefill and decode speed,
+    /// weight bytes per decoded token, KV-cache bytes; writes
+    /// bench/results/<name>-speed.{json,md}.
+    Mod(mod_bench::ModArgs),
 }
 
 /// The default benchmark: the same GGUF files through Petrel and llama.cpp.
@@ -105,6 +113,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(BenchCommand::W4a4(args)) => w4a4::run(&args),
+        Some(BenchCommand::Mod(args)) => mod_bench::run(&args),
         None => same_file_bench(&cli.args),
     }
 }

@@ -368,12 +368,12 @@ pub fn run(args: &RouteFitArgs) -> Result<()> {
         fitted.push(fit(b, dim, args.ridge).with_context(|| format!("fitting the router of block {l}"))?);
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    eprintln!("{:>5} {:>12} {}", "block", "correlation", "skip cost at each capacity");
+    eprintln!("block  correlation  skip cost at each capacity");
     let mut report_blocks = Vec::new();
     for (l, f) in fitted.iter().enumerate() {
         let costs: Vec<f64> = args.capacity.iter().map(|&c| f.skip_cost(c)).collect();
         let shown: Vec<String> = costs.iter().map(|c| format!("{c:.4}")).collect();
-        eprintln!("{l:>5} {:>12.3} {}", f.correlation, shown.join(" "));
+        eprintln!("{l:>5}  {:>11.3}  {}", f.correlation, shown.join(" "));
         report_blocks.push(format!(
             "    {{\"block\": {l}, \"correlation\": {}, \"skip_cost\": [{}]}}",
             f.correlation,
