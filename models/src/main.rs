@@ -260,7 +260,28 @@ fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
     }
     let mut sampler = args.sampler(model.config.vocab_size);
     reply(&mut session, &mut sampler, &tokens, args.max_tokens)?.print();
+    print_routing(&session);
     Ok(())
+}
+
+/// For a mixture-of-depths model: the share of tokens its routed blocks processed and the
+/// KV-cache bytes in use against a dense model's.
+fn print_routing(session: &Session<'_, '_>) {
+    let model = session.model();
+    let Some(routing) = &model.routing else {
+        return;
+    };
+    let routed: Vec<usize> = routing.routed_layers().collect();
+    let visits: usize = routed.iter().map(|&l| session.tokens_through(l)).sum();
+    let share = visits as f64 / (routed.len() * session.position()).max(1) as f64;
+    let dense_kv = session.position() * model.config.layers * 2 * model.config.kv_dim() * 4;
+    eprintln!(
+        "[mixture of depths: blocks {routed:?} at capacity {}; they processed {:.1}% of the tokens | KV cache {} of a dense model's {}]",
+        routing.capacity,
+        100.0 * share,
+        stats::format_bytes(session.cache_bytes_in_use() as u64),
+        stats::format_bytes(dense_kv as u64),
+    );
 }
 
 fn chat(args: &GenerationArgs) -> Result<()> {
