@@ -52,14 +52,15 @@ def answer(model):
 
 
 def svg(rows, dense, path):
-    """Perplexity against capacity: one line per number of routed blocks, top-k solid and
-    causal dashed, the dense model as a horizontal line."""
+    """Perplexity (log scale) against capacity: one line per number of routed blocks, top-k
+    solid and causal dashed, the dense model as a horizontal line."""
+    import math
     w, h, left, right, top, bottom = 640, 400, 70, 150, 30, 50
     caps = sorted({r["capacity"] for r in rows})
     ys = [r["topk"]["perplexity"] for r in rows] + [r["causal"]["perplexity"] for r in rows] + [dense]
-    y_lo, y_hi = min(ys) * 0.95, max(ys) * 1.05
+    y_lo, y_hi = math.log(min(ys) * 0.95), math.log(max(ys) * 1.05)
     x_of = lambda c: left + (c - 0.0) / 1.0 * (w - left - right)
-    y_of = lambda p: top + (y_hi - p) / (y_hi - y_lo) * (h - top - bottom)
+    y_of = lambda p: top + (y_hi - math.log(p)) / (y_hi - y_lo) * (h - top - bottom)
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
@@ -67,12 +68,12 @@ def svg(rows, dense, path):
     for c in [0.0, 0.25, 0.5, 0.75, 1.0]:
         parts.append(f'<line x1="{x_of(c)}" y1="{h-bottom}" x2="{x_of(c)}" y2="{h-bottom+5}" stroke="black"/>')
         parts.append(f'<text x="{x_of(c)-10}" y="{h-bottom+18}">{c:g}</text>')
-    steps = 5
-    for i in range(steps + 1):
-        p = y_lo + (y_hi - y_lo) * i / steps
+    ticks = [t for t in (30, 40, 50, 70, 100, 150, 200, 300, 500, 700, 1000) if y_lo <= math.log(t) <= y_hi]
+    for p in ticks:
         parts.append(f'<line x1="{left-5}" y1="{y_of(p)}" x2="{w-right}" y2="{y_of(p)}" stroke="#ddd"/>')
         parts.append(f'<text x="{left-45}" y="{y_of(p)+4}">{p:.0f}</text>')
     parts.append(f'<text x="{(w-right+left)/2-60}" y="{h-12}">capacity (fraction routed)</text>')
+    parts.append(f'<text x="8" y="{top + 10}">perplexity (log)</text>')
     parts.append(f'<line x1="{left}" y1="{h-bottom}" x2="{w-right}" y2="{h-bottom}" stroke="black"/>')
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h-bottom}" stroke="black"/>')
     parts.append(f'<line x1="{left}" y1="{y_of(dense)}" x2="{w-right}" y2="{y_of(dense)}" stroke="black" stroke-dasharray="2,3"/>')
@@ -100,14 +101,35 @@ def main():
     ap.add_argument("--blocks", default="4,8,16", help="numbers of routed blocks (auto:N)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HOME / "mod/smollm2")
+    ap.add_argument("--choose", choices=["measured", "auto"], default="measured",
+                    help="routed blocks: least perplexity cost alone (measured) or route-fit's estimate (auto)")
+    ap.add_argument("--probe-tokens", type=int, default=2048, help="held-out tokens per block-sensitivity probe")
+    ap.add_argument("--name", default="mod-smollm2", help="base name of the result files")
     args = ap.parse_args()
     for f in (BASE, CORPORA / "train.txt", CORPORA / "heldout.txt", PETREL):
         if not f.exists():
             sys.exit(f"{f} is missing (see this script's docstring)")
-    fit = [PETREL, "route-fit", "--model", BASE, "--text", CORPORA / "train.txt", "--out", args.out,
-           "--capacity", args.capacities, "--calib-tokens", "8192", "--sink-tokens", "1", "--threads", args.threads]
-    for n in args.blocks.split(","):
-        fit += ["--layers", f"auto:{n}"]
+    fit = [PETREL, "route-fit", "--model", BASE, "--text", CORPORA / "train.txt",
+           "--calib-tokens", "8192", "--sink-tokens", "1", "--threads", args.threads]
+    sensitivity = None
+    if args.choose == "measured":
+        # Which blocks to route, by measurement: each block alone routed at capacity 0.5,
+        # scored on the first --probe-tokens held-out tokens; the least hurt are routed.
+        probe = args.out / "single"
+        layers = [x for l in range(1, 29) for x in ("--layers", str(l))]
+        sh(fit + ["--out", probe, "--capacity", "0.5"] + layers)
+        sensitivity = {"dense": ppl(BASE, args.probe_tokens, args.threads)["perplexity"]}
+        for l in range(1, 29):
+            sensitivity[l] = ppl(probe / f"route-c0.5-{l}.gguf", args.probe_tokens, args.threads, "top-k")["perplexity"]
+            print(f"block {l} alone at capacity 0.5: {sensitivity[l]:.2f}", flush=True)
+            (probe / f"route-c0.5-{l}.gguf").unlink()
+        ranked = sorted((l for l in sensitivity if l != "dense"), key=sensitivity.get)
+        choices = ["+".join(str(l) for l in sorted(ranked[:int(n)])) for n in args.blocks.split(",")]
+    else:
+        choices = [f"auto:{n}" for n in args.blocks.split(",")]
+    fit += ["--out", args.out, "--capacity", args.capacities]
+    for c in choices:
+        fit += ["--layers", c]
     sh(fit)
     fitted = json.loads((args.out / "fit.json").read_text())
     dense = ppl(BASE, args.tokens, args.threads)
@@ -124,15 +146,19 @@ def main():
               f'({row["causal"]["routed_fraction"]:.3f} routed); {row["answer"][:60]}', flush=True)
     results = ROOT / "bench/results"
     dp = dense["perplexity"]
-    (results / "mod-smollm2.json").write_text(json.dumps(
-        {"base": str(BASE), "dense": dense, "dense_answer": dense_answer, "fit": fitted, "rows": rows}, indent=1) + "\n")
-    svg(rows, dp, results / "mod-smollm2.svg")
+    (results / f"{args.name}.json").write_text(json.dumps(
+        {"base": str(BASE), "dense": dense, "dense_answer": dense_answer, "fit": fitted, "rows": rows,
+         "block_sensitivity": sensitivity, "choose": args.choose}, indent=1) + "\n")
+    svg(rows, dp, results / f"{args.name}.svg")
     lines = [
         "# Mixture-of-depths retrofitted to SmolLM2-135M-Instruct (W4A4, weights frozen)",
         "",
         f"Base: `{BASE.name}` (held-out perplexity {dp:.2f} on the first {dense['tokens_scored'] + 1} held-out tokens, "
         "window 512, stride 256). Routers fitted by `petrel route-fit` on 8,192 training tokens; the first token of "
-        "each context always goes through (attention sink). Produced by `python3 scripts/mod_smollm2.py`.",
+        "each context always goes through (attention sink). Routed blocks chosen "
+        + ("by measurement (each block alone routed at capacity 0.5; the least hurt first)" if args.choose == "measured"
+           else "by route-fit's skip-cost estimate")
+        + f". Produced by `python3 scripts/mod_smollm2.py --choose {args.choose}`.",
         "",
         "Block work skipped at decode = share of block visits the causal decisions skip, over all 30 blocks.",
         "",
@@ -144,10 +170,21 @@ def main():
         skipped = r["blocks_routed"] * (1 - r["causal"]["routed_fraction"]) / 30
         lines.append(f'| {r["blocks_routed"]} | {r["capacity"]} | {tk:.2f} | {100*(tk/dp-1):+.1f}% | {ca:.2f} | '
                      f'{100*(ca/dp-1):+.1f}% | {r["causal"]["routed_fraction"]:.3f} | {100*skipped:.1f}% | {r["answer"][:70]} |')
-    lines += ["", f"Dense answer: {dense_answer}", "", "![perplexity vs capacity](mod-smollm2.svg)", ""]
-    (results / "mod-smollm2.md").write_text("\n".join(lines))
+    lines += ["", f"Dense answer: {dense_answer}", "", f"![perplexity vs capacity]({args.name}.svg)", ""]
+    if sensitivity:
+        lines += ["Each block alone routed at capacity 0.5 (top-k perplexity on the first "
+                  f"{args.probe_tokens} held-out tokens):", "",
+                  "| block | " + " | ".join(str(l) for l in sensitivity) + " |",
+                  "|---|" + "---|" * len(sensitivity),
+                  "| ppl | " + " | ".join(f"{v:.1f}" for v in sensitivity.values()) + " |", ""]
+    (results / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        # Redraw the SVG from an existing results JSON.
+        data = json.loads(Path(sys.argv[2]).read_text())
+        svg(data["rows"], data["dense"]["perplexity"], Path(sys.argv[2]).with_suffix(".svg"))
+    else:
+        main()
