@@ -15,7 +15,7 @@ evaluation.
 
     python3 scripts/fetch_corpora.py && python3 scripts/tiny_experiment.py
     cargo build --release -p petrel-models
-    python3 scripts/mod_tiny.py [--out ~/.cache/petrel/mod/tiny] [--tokens 262144] [--skip-training]
+    python3 scripts/mod_tiny.py [--out ~/.cache/petrel/mod/tiny] [--tokens 65536] [--skip-training]
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def sh(cmd):
 
 
 def ppl(model, tokens, routing=None, decision=None):
-    out = Path("/tmp") / f"mod-tiny-ppl-{os.getpid()}.json"
+    out = Path("/tmp") / f"mod-tiny-ppl-{os.getpid()}-{abs(hash((str(model), routing, decision)))}.json"
     cmd = [PETREL, "eval", "ppl", "--model", model, "--text", CORPORA / "heldout.txt", "--window", "256",
            "--stride", "128", "--max-tokens", tokens, "--threads", "1", "--json", out]
     if routing:
@@ -57,7 +58,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HOME / "mod/tiny")
     ap.add_argument("--dense", type=Path, default=HOME / "tiny/standard", help="the dense run")
-    ap.add_argument("--tokens", type=int, default=262144, help="held-out tokens scored per model")
+    ap.add_argument("--tokens", type=int, default=65536, help="held-out tokens scored per model")
+    ap.add_argument("--jobs", type=int, default=2, help="evaluations run at once")
     ap.add_argument("--skip-training", action="store_true", help="reuse finished runs in --out")
     args = ap.parse_args()
     runs = {name: args.out / name for name in RUNS}
@@ -78,6 +80,19 @@ def main():
     tokenizers = {(r / "tokenizer.gguf").read_bytes() for r in all_runs.values()}
     if len(tokenizers) != 1:
         sys.exit("the runs trained different tokenizers")
+
+    # Every evaluation, two at a time (one thread each: the machine has two cores).
+    jobs = {}
+    for name, run in all_runs.items():
+        for kind in ("f32", "w4a4"):
+            model = run / f"model-{kind}.gguf"
+            jobs[(name, f"{kind}_topk")] = (model, None, None)
+            if name != "dense":
+                for decision in ("predictor", "router"):
+                    jobs[(name, f"{kind}_causal_{decision}")] = (model, "causal", decision)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {key: pool.submit(ppl, m, args.tokens, r, d) for key, (m, r, d) in jobs.items()}
+        scores = {key: f.result() for key, f in futures.items()}
 
     rows = []
     for name, run in all_runs.items():
@@ -100,12 +115,7 @@ def main():
                "router_agreement": evals[-1].get("router_agreement"),
                "predictor_agreement": evals[-1].get("predictor_agreement"),
                "agreement_by_layer": evals[-1].get("agreement_by_layer")}
-        for kind in ("f32", "w4a4"):
-            model = run / f"model-{kind}.gguf"
-            row[f"{kind}_topk"] = ppl(model, args.tokens)
-            if name != "dense":
-                for decision in ("predictor", "router"):
-                    row[f"{kind}_causal_{decision}"] = ppl(model, args.tokens, "causal", decision)
+        row.update({key: score for (run_name, key), score in scores.items() if run_name == name})
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
 

@@ -233,16 +233,13 @@ fn markdown(r: &Report, args: &ModArgs) -> String {
     let mb = |b: f64| b / 1e6;
     let mut s = format!(
         "# Mixture of depths: routed against dense, same model, one run\n\n\
-         Machine: {} · load average at start {} · dense `{}`, routed `{}` (blocks {:?}, capacity {})\n\n\
-         Command: `petrel-bench mod --dense {} --routed {} --threads {} --prompts {} --decode {} --repetitions {}`\n\n",
+         Machine: {} · dense `{}`, routed `{}` (blocks {:?}, capacity {})\n\n\
+         Command: `petrel-bench mod --dense … --routed … --threads {} --prompts {} --decode {} --repetitions {}`\n\n",
         r.machine,
-        r.load_average_start.map_or("unknown".into(), |l| format!("{:.2} / {:.2} / {:.2}", l[0], l[1], l[2])),
-        r.dense,
-        r.routed,
-        r.routed_blocks,
-        r.capacity,
         args.dense.display(),
         args.routed.display(),
+        r.routed_blocks,
+        r.capacity,
         args.threads.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
         args.prompts.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
         args.decode,
@@ -256,7 +253,7 @@ fn markdown(r: &Report, args: &ModArgs) -> String {
         ));
     }
     s.push_str(&format!(
-        "\nWeight bytes read per decoded token: dense {:.1} MB, routed {:.1} MB ({:.2}× fewer).\n\
+        "\nWeight bytes read per decoded token: dense {:.3} MB, routed {:.3} MB ({:.2}× fewer).\n\
          KV cache in use after the {}-token prefill: dense {:.2} MB, routed {:.2} MB ({:.1}% saved); \
          after the decode test: dense {:.2} MB, routed {:.2} MB ({:.1}% saved).\n",
         mb(r.dense_bytes_per_token as f64),
