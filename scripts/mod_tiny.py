@@ -43,7 +43,10 @@ def sh(cmd):
 
 
 def ppl(model, tokens, routing=None, decision=None):
-    out = Path("/tmp") / f"mod-tiny-ppl-{os.getpid()}-{abs(hash((str(model), routing, decision)))}.json"
+    """`petrel eval ppl`'s JSON, kept beside the model (reused while newer than it)."""
+    out = model.parent / f"ppl-{model.stem}-{routing or 'top-k'}-{decision or 'file'}-{tokens}.json"
+    if out.exists() and out.stat().st_mtime > model.stat().st_mtime:
+        return json.loads(out.read_text())
     cmd = [PETREL, "eval", "ppl", "--model", model, "--text", CORPORA / "heldout.txt", "--window", "256",
            "--stride", "128", "--max-tokens", tokens, "--threads", "1", "--json", out]
     if routing:

@@ -27,7 +27,7 @@ use crate::linear::Gather;
 use crate::model::{LayerWeights, Model};
 use crate::ops;
 use crate::parallel::{Member, Team};
-use crate::routing::{self, Gate, PrefillRouting};
+use crate::routing::{self, Gate, MixtureOfDepths, PrefillRouting, Router};
 
 /// Scratch buffers for a batch of up to `max_batch` tokens (all row-major by token).
 #[derive(Debug)]
@@ -286,31 +286,7 @@ fn forward_batch(
         for t in 0..n {
             s.scores[t] = router.score(&s.x[t * dim..(t + 1) * dim]);
         }
-        // Attention-sink tokens (the first `sink_tokens` positions) always go through.
-        let sinks = mod_config.sink_tokens.saturating_sub(position).min(n);
-        let chosen = match (routing, n) {
-            (PrefillRouting::TopK, _) if n > 1 => {
-                let k = routing::routed_count(mod_config.capacity, n).max(sinks);
-                let rest = routing::select_top_k(&s.scores[sinks..n], k - sinks, &mut s.order[sinks..]).len();
-                for i in 0..sinks {
-                    s.order[i] = i as u32;
-                }
-                for i in &mut s.order[sinks..sinks + rest] {
-                    *i += sinks as u32;
-                }
-                sinks + rest
-            }
-            _ => {
-                let mut m = 0;
-                for t in 0..n {
-                    if t < sinks || router.routes(mod_config.decision, &s.x[t * dim..(t + 1) * dim], c.norm_eps) {
-                        s.order[m] = t as u32;
-                        m += 1;
-                    }
-                }
-                m
-            }
-        };
+        let chosen = choose_tokens(mod_config, router, s, n, position, routing, c.norm_eps);
         if chosen == 0 {
             continue;
         }
@@ -338,6 +314,46 @@ fn forward_batch(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Chooses the tokens of the batch in `s.x` (`n` tokens from `position` on) that go
+/// through a routed block: their indices, increasing, in `s.order[..count]`; returns the
+/// count. Top-k needs the router scores already in `s.scores`.
+fn choose_tokens(
+    mod_config: &MixtureOfDepths,
+    router: &Router,
+    s: &mut RunState,
+    n: usize,
+    position: usize,
+    routing: PrefillRouting,
+    norm_eps: f32,
+) -> usize {
+    let dim = s.x.len() / s.max_batch;
+    // Attention-sink tokens (the first `sink_tokens` positions) always go through.
+    let sinks = mod_config.sink_tokens.saturating_sub(position).min(n);
+    match (routing, n) {
+        (PrefillRouting::TopK, _) if n > 1 => {
+            let k = routing::routed_count(mod_config.capacity, n).max(sinks);
+            let rest = routing::select_top_k(&s.scores[sinks..n], k - sinks, &mut s.order[sinks..]).len();
+            for (i, slot) in s.order[..sinks].iter_mut().enumerate() {
+                *slot = i as u32;
+            }
+            for i in &mut s.order[sinks..sinks + rest] {
+                *i += sinks as u32;
+            }
+            sinks + rest
+        }
+        _ => {
+            let mut m = 0;
+            for t in 0..n {
+                if t < sinks || router.routes(mod_config.decision, &s.x[t * dim..(t + 1) * dim], norm_eps) {
+                    s.order[m] = t as u32;
+                    m += 1;
+                }
+            }
+            m
         }
     }
 }
