@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::Output;
 
 /// The cached SmolLM2 file (`petrel pull smollm2-135m` puts it there).
+// Each test crate compiles this module anew; not all of them use every helper.
+#[allow(dead_code)]
 pub fn model_path() -> PathBuf {
     let path = petrel_models::registry::cache_dir().expect("cache dir").join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "{} is missing: run `petrel pull smollm2-135m` first", path.display());
