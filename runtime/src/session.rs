@@ -19,7 +19,7 @@ pub struct SessionOptions {
     /// trained context length.
     pub capacity: usize,
     /// Tokens per prefill batch (bounds scratch memory: about `max_batch × 4 × ffn_dim × 4`
-    /// bytes).
+    /// bytes). A mixture-of-depths model takes its top-k over each batch.
     pub max_batch: usize,
     /// Threads for matmuls and attention (ignored without `std`).
     pub threads: usize,
@@ -208,7 +208,8 @@ impl<'m, 'a> Session<'m, 'a> {
         Ok(())
     }
 
-    /// Appends `tokens` to the conversation and returns the logits after the last one.
+    /// Appends `tokens` to the conversation and returns the logits after the last one. A
+    /// mixture-of-depths model routes them as [`SessionOptions::prefill_routing`] says.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.prefill_with_tap(tokens, None, self.prefill_routing)
     }
@@ -232,8 +233,9 @@ impl<'m, 'a> Session<'m, 'a> {
         Ok(self.states[0].get_mut().logits_mut())
     }
 
-    /// Appends one token and returns the logits after it. Single-threaded sessions allocate
-    /// nothing here; for a decode loop on several threads prefer [`Session::generate`].
+    /// Appends one token and returns the logits after it (a mixture-of-depths model routes
+    /// it by its causal decision). Single-threaded sessions allocate nothing here; for a
+    /// decode loop on several threads prefer [`Session::generate`].
     pub fn step(&mut self, token: u32) -> Result<&mut [f32], SessionError> {
         self.prefill_with_tap(&[token], None, PrefillRouting::Causal)
     }
