@@ -302,14 +302,7 @@ fn write_routed(
         let bias = [r.bias_for(capacity) as f32];
         w.tensor(&format!("blk.{l}.mod_router.bias"), &[1], TensorType::F32, f32_bytes(&bias));
     }
-    let bytes = w.to_bytes();
-    let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("the routed file does not parse: {e}"))?;
-    Model::load(&file).map_err(|e| anyhow::anyhow!("the runtime rejects the routed file: {e}"))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::gguf_out::write_loadable(path, &w.to_bytes())
 }
 
 /// Runs `petrel route-fit`.

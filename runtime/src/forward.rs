@@ -320,7 +320,7 @@ fn forward_batch(
 
 /// Chooses the tokens of the batch in `s.x` (`n` tokens from `position` on) that go
 /// through a routed block: their indices, increasing, in `s.order[..count]`; returns the
-/// count. Top-k needs the router scores already in `s.scores`.
+/// count. The router scores must already be in `s.scores`.
 fn choose_tokens(
     mod_config: &MixtureOfDepths,
     router: &Router,
@@ -348,7 +348,8 @@ fn choose_tokens(
         _ => {
             let mut m = 0;
             for t in 0..n {
-                if t < sinks || router.routes(mod_config.decision, &s.x[t * dim..(t + 1) * dim], norm_eps) {
+                if t < sinks || router.routes(mod_config.decision, s.scores[t], &s.x[t * dim..(t + 1) * dim], norm_eps)
+                {
                     s.order[m] = t as u32;
                     m += 1;
                 }

@@ -133,10 +133,11 @@ impl Router {
         Some(out as f32)
     }
 
-    /// The causal decision for `x`: does this token go through the block?
-    pub fn routes(&self, decision: Decision, x: &[f32], eps: f32) -> bool {
+    /// The causal decision for `x`, whose router score [`Router::score`] is `score`: does
+    /// this token go through the block?
+    pub fn routes(&self, decision: Decision, score: f32, x: &[f32], eps: f32) -> bool {
         match decision {
-            Decision::Router => self.score(x) > 0.0,
+            Decision::Router => score > 0.0,
             // Loading checks that a predictor exists when the file asks for it.
             Decision::Predictor => self.predictor_logit(x, eps).is_some_and(|p| p > 0.0),
         }

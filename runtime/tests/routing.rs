@@ -4,25 +4,17 @@
 //! count, truncation forgets routed rows correctly, and malformed routing metadata is
 //! rejected at load.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Mutex;
 
+use common::model_file;
 use petrel_runtime::forward::{ActivationTap, TapSite};
 use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
-use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::routing::{self, routed_count, PrefillRouting};
 use petrel_runtime::sampler::argmax;
 use petrel_runtime::{Model, ModelError, Session, SessionOptions};
-
-fn model_file() -> MappedFile {
-    let home = std::env::var_os("PETREL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/petrel"));
-    let path = home.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run `petrel pull smollm2-135m` first", path.display());
-    MappedFile::open(path).expect("model maps")
-}
 
 /// Routing to add to a file: blocks, capacity, gate, and each router's bias.
 struct Routing<'r> {

@@ -1,22 +1,13 @@
 //! The `Session` API on SmolLM2: thread counts change nothing, generation streams and
 //! stops where it should, and a prompt that does not fit is an error, not a panic.
 
-use std::path::PathBuf;
+mod common;
 
+use common::model_file;
 use petrel_runtime::gguf::GgufFile;
-use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::sampler::argmax;
 use petrel_runtime::tokenizer::{format_chat, ChatMessage};
 use petrel_runtime::{Model, Sampler, SamplerConfig, Session, SessionError, SessionOptions, StopReason};
-
-fn model_file() -> MappedFile {
-    let home = std::env::var_os("PETREL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/petrel"));
-    let path = home.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "{} is missing: run `petrel pull smollm2-135m` first", path.display());
-    MappedFile::open(path).expect("model maps")
-}
 
 fn chat_prompt(model: &Model<'_>) -> Vec<u32> {
     let messages = [ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }];

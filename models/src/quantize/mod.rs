@@ -241,12 +241,7 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
     };
     let writer = write_model(&gguf, &master, &layout, hessians.as_ref())?;
     let bytes = writer.to_bytes();
-    let tmp = args.output.with_extension("gguf.partial");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    // Check that the runtime accepts what was written before it takes the final name.
-    let check = GgufFile::parse(&bytes).context("the written file does not parse")?;
-    Model::load(&check).context("the written file does not load")?;
-    std::fs::rename(&tmp, &args.output).with_context(|| format!("cannot rename to {}", args.output.display()))?;
+    crate::gguf_out::write_loadable(&args.output, &bytes)?;
     Ok(Summary { file_bytes: bytes.len() as u64, calib_tokens })
 }
 

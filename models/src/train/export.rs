@@ -7,10 +7,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use petrel_runtime::gguf::{GgufFile, TensorType};
+use petrel_runtime::gguf::TensorType;
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::routing::{self, Decision, Gate};
-use petrel_runtime::Model;
 
 use super::model::{Decoder, CLIP_SITES};
 use crate::bpe_train::TrainedTokenizer;
@@ -74,12 +73,5 @@ pub fn write_gguf(
             w.tensor(&format!("blk.{l}.act_clip"), &[8], TensorType::F32, f32_bytes(&clips));
         }
     }
-    let bytes = w.to_bytes();
-    let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("exported file does not parse: {e}"))?;
-    Model::load(&file).map_err(|e| anyhow::anyhow!("the runtime rejects the exported file: {e}"))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::gguf_out::write_loadable(path, &w.to_bytes())
 }
