@@ -102,6 +102,37 @@ pub struct LayerWeights<'a> {
     pub activation_clips: Option<[[f32; 2]; 4]>,
 }
 
+impl<'a> LayerWeights<'a> {
+    /// Block `l`'s tensors, named `{prefix}blk.{l}.…` (the empty prefix for a model's own
+    /// blocks), checked against `config`'s shapes. `rotated`: the model has QuaRot's online
+    /// Hadamard transform (learned activation clips are then refused).
+    pub fn load(
+        file: &GgufFile<'a>,
+        prefix: &str,
+        l: usize,
+        config: &LlamaConfig,
+        scheme: Option<&QuantScheme>,
+        rotated: bool,
+    ) -> Result<Self, ModelError> {
+        let (dim, kv_dim, ffn) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let name = |suffix: &str| alloc::format!("{prefix}blk.{l}.{suffix}");
+        let tensor = |name: &str| file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()));
+        let linear = |name: &str, rows: usize, cols: usize| Linear::load(file, name, rows, cols, scheme);
+        Ok(LayerWeights {
+            attn_norm: vector(tensor(&name("attn_norm.weight"))?, dim)?,
+            wq: linear(&name("attn_q.weight"), dim, dim)?,
+            wk: linear(&name("attn_k.weight"), kv_dim, dim)?,
+            wv: linear(&name("attn_v.weight"), kv_dim, dim)?,
+            wo: linear(&name("attn_output.weight"), dim, dim)?,
+            ffn_norm: vector(tensor(&name("ffn_norm.weight"))?, dim)?,
+            w_gate: linear(&name("ffn_gate.weight"), ffn, dim)?,
+            w_up: linear(&name("ffn_up.weight"), ffn, dim)?,
+            w_down: linear(&name("ffn_down.weight"), dim, ffn)?,
+            activation_clips: activation_clips(file, &name("act_clip"), rotated)?,
+        })
+    }
+}
+
 /// A loaded model: hyper-parameters, weights borrowed from the file, and the tokenizer.
 #[derive(Debug)]
 pub struct Model<'a> {
@@ -140,7 +171,7 @@ impl<'a> Model<'a> {
         let scheme = QuantScheme::from_gguf(file)?;
         let tensor = |name: &str| file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()));
         let linear = |name: &str, rows: usize, cols: usize| Linear::load(file, name, rows, cols, scheme.as_ref());
-        let (dim, kv_dim, ffn) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let (dim, ffn) = (config.dim, config.ffn_dim);
         let token_embedding = linear("token_embd.weight", config.vocab_size, dim)?;
         let output = match file.tensor("output.weight") {
             Some(_) => linear("output.weight", config.vocab_size, dim)?,
@@ -155,19 +186,7 @@ impl<'a> Model<'a> {
         };
         let mut layers = Vec::with_capacity(config.layers);
         for l in 0..config.layers {
-            let name = |suffix: &str| alloc::format!("blk.{l}.{suffix}");
-            layers.push(LayerWeights {
-                attn_norm: vector(tensor(&name("attn_norm.weight"))?, dim)?,
-                wq: linear(&name("attn_q.weight"), dim, dim)?,
-                wk: linear(&name("attn_k.weight"), kv_dim, dim)?,
-                wv: linear(&name("attn_v.weight"), kv_dim, dim)?,
-                wo: linear(&name("attn_output.weight"), dim, dim)?,
-                ffn_norm: vector(tensor(&name("ffn_norm.weight"))?, dim)?,
-                w_gate: linear(&name("ffn_gate.weight"), ffn, dim)?,
-                w_up: linear(&name("ffn_up.weight"), ffn, dim)?,
-                w_down: linear(&name("ffn_down.weight"), dim, ffn)?,
-                activation_clips: activation_clips(file, &name("act_clip"), down_hadamard.is_some())?,
-            });
+            layers.push(LayerWeights::load(file, "", l, &config, scheme.as_ref(), down_hadamard.is_some())?);
         }
         let output_norm = vector(tensor("output_norm.weight")?, dim)?;
         let routing = MixtureOfDepths::from_gguf(file, config.layers, dim)?;

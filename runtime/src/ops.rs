@@ -48,6 +48,19 @@ pub fn apply_rope(x: &mut [f32], head_dim: usize, table: &[f32]) {
     }
 }
 
+/// Undoes [`apply_rope`] with the same `table`: rotates each pair by the negative angle
+/// (keys cached after RoPE back to the position-free basis in which KV prediction maps
+/// them).
+pub fn unapply_rope(x: &mut [f32], head_dim: usize, table: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (pair, cs) in head.chunks_exact_mut(2).zip(table.chunks_exact(2)) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cs[0] + b * cs[1];
+            pair[1] = b * cs[0] - a * cs[1];
+        }
+    }
+}
+
 /// `gate[i] = silu(gate[i]) * up[i]` with `silu(x) = x / (1 + e^-x)`.
 pub fn swiglu(fk: &FloatKernels, gate: &mut [f32], up: &[f32]) {
     fk.silu_mul(gate, up);
@@ -212,6 +225,26 @@ mod tests {
     fn noise(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn unapply_rope_inverts_apply_rope() {
+        let (head_dim, rope_dim) = (8, 6);
+        let mut seed = 3u64;
+        let original: Vec<f32> = (0..2 * head_dim).map(|_| noise(&mut seed)).collect();
+        for position in [0, 1, 17, 4000] {
+            let mut table = vec![0f32; rope_dim];
+            rope_table(&mut table, position, rope_dim, 10_000.0);
+            let mut x = original.clone();
+            apply_rope(&mut x, head_dim, &table);
+            if position > 0 {
+                assert_ne!(x, original);
+            }
+            unapply_rope(&mut x, head_dim, &table);
+            for (a, b) in x.iter().zip(&original) {
+                assert!((a - b).abs() <= 1e-6, "position {position}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]
