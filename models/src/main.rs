@@ -53,6 +53,9 @@ enum Command {
     /// Fit mixture-of-depths routers to a pretrained model (weights frozen) and write
     /// routed copies of it, one per capacity and choice of blocks.
     RouteFit(Box<petrel_models::route_fit::RouteFitArgs>),
+    /// Give a model a KV predictor for fast prefill: a layer-pruned auxiliary model and
+    /// per-layer key/value maps fitted in closed form (or refit the maps of one it has).
+    KvpFit(Box<petrel_models::kvp_fit::KvpFitArgs>),
     /// Measure a model (`petrel eval ppl`: perplexity on a text file; `petrel eval act-stats`:
     /// activation outlier statistics per layer).
     Eval {
@@ -102,6 +105,11 @@ struct GenerationArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0x5EED)]
     seed: u64,
+    /// Prefill the prompt by KV prediction: the model's auxiliary model reads it and its
+    /// keys and values are mapped into the base's cache (needs a file made by `petrel
+    /// kvp-fit` or `petrel kvp-train`); only the first turn of a chat is predicted.
+    #[arg(long)]
+    kv_prediction: bool,
 }
 
 impl GenerationArgs {
@@ -120,7 +128,7 @@ impl GenerationArgs {
     fn session_options(&self, model: &Model<'_>) -> SessionOptions {
         let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let capacity = self.context.unwrap_or_else(|| model.config.context_length.min(2048));
-        SessionOptions { capacity, threads, ..SessionOptions::default() }
+        SessionOptions { capacity, threads, kv_prediction: self.kv_prediction, ..SessionOptions::default() }
     }
 }
 
@@ -151,6 +159,7 @@ fn main() {
         Command::Quantize(args) => quantize(&args),
         Command::Train(args) => petrel_models::train::run(&args),
         Command::RouteFit(args) => petrel_models::route_fit::run(&args),
+        Command::KvpFit(args) => petrel_models::kvp_fit::run(&args),
     };
     if let Err(e) = result {
         // A closed pipe (`petrel inspect … | head`) is a normal way to stop reading.
@@ -259,9 +268,24 @@ fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
         bail!("the prompt has {} tokens but the context holds {} (raise --context)", tokens.len(), session.capacity());
     }
     let mut sampler = args.sampler(model.config.vocab_size);
+    let predicted = session.predicts_prefill(&tokens);
     reply(&mut session, &mut sampler, &tokens, args.max_tokens)?.print();
+    print_prefill_mode(&model, predicted);
     print_routing(&session);
     Ok(())
+}
+
+/// Says how the prompt was prefilled, beside the TTFT.
+fn print_prefill_mode(model: &Model<'_>, predicted: bool) {
+    match (&model.kv_predictor, predicted) {
+        (Some(p), true) => eprintln!(
+            "[prefill: KV prediction, auxiliary model of {} blocks for the base's {}]",
+            p.aux.layers.len(),
+            model.layers.len()
+        ),
+        (Some(_), false) => eprintln!("[prefill: base model (the file has a KV predictor; --kv-prediction uses it)]"),
+        (None, _) => {}
+    }
 }
 
 /// For a mixture-of-depths model: the share of tokens its routed blocks processed and the

@@ -32,25 +32,25 @@ use crate::routing::{self, Gate, MixtureOfDepths, PrefillRouting, Router};
 /// Scratch buffers for a batch of up to `max_batch` tokens (all row-major by token).
 #[derive(Debug)]
 pub struct RunState {
-    max_batch: usize,
+    pub(crate) max_batch: usize,
     /// Residual stream, `max_batch × dim`.
-    x: Vec<f32>,
+    pub(crate) x: Vec<f32>,
     /// Normalized input of a sub-block, `max_batch × dim`.
-    xb: Vec<f32>,
+    pub(crate) xb: Vec<f32>,
     /// Queries, `max_batch × dim`.
-    q: Vec<f32>,
+    pub(crate) q: Vec<f32>,
     /// Keys and values of the batch, `max_batch × kv_dim` each.
-    k: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     /// Attention output (and projections' outputs), `max_batch × dim`.
-    att: Vec<f32>,
+    pub(crate) att: Vec<f32>,
     /// MLP hidden activations, `max_batch × ffn_dim` each.
     gate: Vec<f32>,
     up: Vec<f32>,
     /// RoPE `(cos, sin)` pairs per token, `max_batch × rope_dim`.
-    rope: Vec<f32>,
+    pub(crate) rope: Vec<f32>,
     /// Quantized activations for the integer kernels.
-    act: ActivationBatch,
+    pub(crate) act: ActivationBatch,
     /// Position of each token of the batch going through the current block, `max_batch`.
     positions: Vec<u32>,
     /// Mixture-of-depths scratch: router scores (`max_batch`), the chosen tokens' indices
@@ -173,6 +173,13 @@ pub trait ActivationTap: Sync {
     /// unless implemented.
     fn observe_block(&self, layer: usize, input: &[f32], output: &[f32], tokens: usize, cols: usize) {
         let _ = (layer, input, output, tokens, cols);
+    }
+
+    /// Sees the keys (before RoPE) and values that block `layer` computed for the tokens at
+    /// `positions`, `positions.len() × kv_dim` row-major each (merged heads). Does nothing
+    /// unless implemented.
+    fn observe_kv(&self, layer: usize, keys: &[f32], values: &[f32], positions: &[u32], kv_dim: usize) {
+        let _ = (layer, keys, values, positions, kv_dim);
     }
 }
 
@@ -390,6 +397,9 @@ fn run_block(
     layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
     layer.wk.matmul(compute, &mut s.act, &mut s.k, member, Gather::All);
     layer.wv.matmul(compute, &mut s.act, &mut s.v, member, Gather::All);
+    if let (true, Some(tap)) = (observed, compute.tap) {
+        tap.observe_kv(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], &s.positions[..n], kv_dim);
+    }
     for t in 0..n {
         let table = &s.rope[t * c.rope_dim..(t + 1) * c.rope_dim];
         ops::apply_rope(&mut s.q[t * dim..(t + 1) * dim], c.head_dim, table);

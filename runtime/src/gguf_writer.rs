@@ -92,6 +92,7 @@ impl GgufWriter {
 
     /// Adds a tensor with ggml dims (innermost first) and its raw little-endian bytes.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: TensorType, data: Vec<u8>) -> &mut Self {
+        self.tensors.retain(|(n, ..)| n != name);
         self.tensors.push((name.into(), dims.to_vec(), ty, data));
         self
     }

@@ -28,6 +28,7 @@ pub mod forward;
 pub mod gguf;
 pub mod gguf_writer;
 pub mod kv_cache;
+pub mod kv_predict;
 pub mod linear;
 #[cfg(feature = "std")]
 pub mod mapped;

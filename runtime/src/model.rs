@@ -6,6 +6,7 @@ use core::fmt;
 
 use crate::config::LlamaConfig;
 use crate::gguf::{GgufError, GgufFile, TensorInfo, TensorType};
+use crate::kv_predict::KvPredictor;
 use crate::linear::Linear;
 use crate::routing::MixtureOfDepths;
 use crate::scheme::{QuantScheme, Rotation};
@@ -75,7 +76,7 @@ impl From<TokenizerError> for ModelError {
 }
 
 /// The weights of one transformer block.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LayerWeights<'a> {
     /// RMSNorm gain before attention, `dim` long.
     pub attn_norm: Vec<f32>,
@@ -154,6 +155,9 @@ pub struct Model<'a> {
     pub down_hadamard: Option<Hadamard>,
     /// Mixture-of-depths routing (`petrel.mod.*`), for files that have it.
     pub routing: Option<MixtureOfDepths>,
+    /// KV-prediction prefill's auxiliary model and maps (`petrel.kvp.*`), for files that
+    /// have them.
+    pub kv_predictor: Option<alloc::boxed::Box<KvPredictor<'a>>>,
 }
 
 impl<'a> Model<'a> {
@@ -190,7 +194,43 @@ impl<'a> Model<'a> {
         }
         let output_norm = vector(tensor("output_norm.weight")?, dim)?;
         let routing = MixtureOfDepths::from_gguf(file, config.layers, dim)?;
-        Ok(Model { config, token_embedding, layers, output_norm, output, tokenizer, scheme, down_hadamard, routing })
+        let mut model = Model {
+            config,
+            token_embedding,
+            layers,
+            output_norm,
+            output,
+            tokenizer,
+            scheme,
+            down_hadamard,
+            routing,
+            kv_predictor: None,
+        };
+        model.kv_predictor = KvPredictor::from_gguf(file, &model)?.map(alloc::boxed::Box::new);
+        Ok(model)
+    }
+
+    /// A model made of base blocks `keep` (in that order) with this model's embedding,
+    /// final norm, head, tokenizer and quantization: a layer-pruned copy sharing the
+    /// file's weights (the norms and tokenizer are copied). No routing, no predictor.
+    ///
+    /// # Panics
+    /// If an index in `keep` is not below the block count.
+    pub fn layer_pruned(&self, keep: &[usize]) -> Model<'a> {
+        let mut config = self.config.clone();
+        config.layers = keep.len();
+        Model {
+            config,
+            token_embedding: self.token_embedding,
+            layers: keep.iter().map(|&l| self.layers[l].clone()).collect(),
+            output_norm: self.output_norm.clone(),
+            output: self.output,
+            tokenizer: self.tokenizer.clone(),
+            scheme: self.scheme,
+            down_hadamard: self.down_hadamard.clone(),
+            routing: None,
+            kv_predictor: None,
+        }
     }
 
     /// Bytes of weights read per decoded token (every matrix once; norms ignored).
@@ -234,7 +274,7 @@ fn activation_clips(file: &GgufFile<'_>, name: &str, rotated: bool) -> Result<Op
 }
 
 /// Copies a 1-D F32 (or F16) tensor of `len` values.
-fn vector(t: &TensorInfo<'_>, len: usize) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn vector(t: &TensorInfo<'_>, len: usize) -> Result<Vec<f32>, ModelError> {
     if t.n_dims != 1 || t.dims[0] != len as u64 {
         return Err(ModelError::BadTensorShape {
             tensor: t.name.to_string(),

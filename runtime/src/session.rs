@@ -7,6 +7,7 @@ use petrel_quant::{FloatKernels, Kernels};
 
 use crate::forward::{forward, forward_member, ActivationTap, Compute, Logits, RunState};
 use crate::kv_cache::KvCache;
+use crate::kv_predict::{predicted_prefill_member, KvPredictor};
 use crate::model::Model;
 use crate::parallel::Team;
 use crate::routing::PrefillRouting;
@@ -28,11 +29,24 @@ pub struct SessionOptions {
     /// How a mixture-of-depths model routes prefill batches (decoding always takes the
     /// causal decision). Ignored by dense models.
     pub prefill_routing: PrefillRouting,
+    /// Prefill a fresh conversation by KV prediction ([`crate::kv_predict`]): the model's
+    /// auxiliary model reads the prompt, its keys and values are mapped into the base's
+    /// cache, and the base runs only the last prompt token. Needs a model with a predictor;
+    /// later turns of a conversation (a prefill at a position above 0) and one-token prompts
+    /// run the base as usual.
+    pub kv_prediction: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { capacity: 0, max_batch: 64, threads: 1, kernels: None, prefill_routing: PrefillRouting::TopK }
+        SessionOptions {
+            capacity: 0,
+            max_batch: 64,
+            threads: 1,
+            kernels: None,
+            prefill_routing: PrefillRouting::TopK,
+            kv_prediction: false,
+        }
     }
 }
 
@@ -49,6 +63,8 @@ pub enum SessionError {
     CapacityTooLarge { requested: usize, context_length: usize },
     /// The KV cache (`bytes`) could not be allocated.
     OutOfMemory { bytes: usize },
+    /// KV prediction was asked for, but the model file has no predictor.
+    NoKvPredictor,
 }
 
 impl fmt::Display for SessionError {
@@ -66,6 +82,9 @@ impl fmt::Display for SessionError {
             }
             SessionError::OutOfMemory { bytes } => {
                 write!(f, "cannot allocate {bytes} bytes for the KV cache (choose a smaller context)")
+            }
+            SessionError::NoKvPredictor => {
+                write!(f, "the model has no KV predictor (petrel.kvp.* metadata); make one with `petrel kvp-fit`")
             }
         }
     }
@@ -100,6 +119,8 @@ pub struct Session<'m, 'a> {
     float: FloatKernels,
     position: usize,
     prefill_routing: PrefillRouting,
+    /// The auxiliary model's cache, when prefills use KV prediction.
+    aux_cache: Option<KvCache>,
 }
 
 impl<'m, 'a> Session<'m, 'a> {
@@ -116,6 +137,14 @@ impl<'m, 'a> Session<'m, 'a> {
         let kernels = options.kernels.unwrap_or_else(Kernels::detect);
         let cache = KvCache::new(&model.config, capacity)
             .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity) })?;
+        let aux_cache = match (options.kv_prediction, &model.kv_predictor) {
+            (false, _) => None,
+            (true, None) => return Err(SessionError::NoKvPredictor),
+            (true, Some(p)) => Some(
+                KvCache::new(&p.aux.config, capacity)
+                    .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&p.aux.config, capacity) })?,
+            ),
+        };
         Ok(Session {
             model,
             cache,
@@ -130,7 +159,22 @@ impl<'m, 'a> Session<'m, 'a> {
             float: FloatKernels::detect(),
             position: 0,
             prefill_routing: options.prefill_routing,
+            aux_cache,
         })
+    }
+
+    /// Whether a prefill of `tokens` now would use KV prediction: it is on, the
+    /// conversation is empty and the prompt has at least two tokens.
+    pub fn predicts_prefill(&self, tokens: &[u32]) -> bool {
+        self.predictor_for(tokens).is_some()
+    }
+
+    fn predictor_for(&self, tokens: &[u32]) -> Option<&'m KvPredictor<'a>> {
+        let model: &'m Model<'a> = self.model;
+        match (&self.aux_cache, &model.kv_predictor, self.position, tokens.len()) {
+            (Some(_), Some(p), 0, 2..) => Some(p),
+            _ => None,
+        }
     }
 
     /// The model.
@@ -148,9 +192,9 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache.capacity()
     }
 
-    /// Bytes of the KV cache.
+    /// Bytes of the KV cache (the auxiliary model's included, with KV prediction on).
     pub fn cache_bytes(&self) -> usize {
-        self.cache.bytes()
+        self.cache.bytes() + self.aux_cache.as_ref().map_or(0, KvCache::bytes)
     }
 
     /// Bytes of keys and values written so far. In a mixture-of-depths model routed
@@ -164,6 +208,14 @@ impl<'m, 'a> Session<'m, 'a> {
     /// position for a dense block, fewer for a routed one.
     pub fn tokens_through(&self, layer: usize) -> usize {
         self.cache.len(layer)
+    }
+
+    /// The keys (after RoPE) and values cached for block `layer`: [`Session::tokens_through`]
+    /// rows of `kv_dim` each, row-major, in position order.
+    pub fn kv_rows(&self, layer: usize) -> (&[f32], &[f32]) {
+        let rows = self.cache.len(layer) * self.model.config.kv_dim();
+        let (keys, values) = self.cache.layer(layer);
+        (&keys[..rows], &values[..rows])
     }
 
     /// Positions of the tokens that have gone through block `layer`, increasing.
@@ -209,7 +261,9 @@ impl<'m, 'a> Session<'m, 'a> {
     }
 
     /// Appends `tokens` to the conversation and returns the logits after the last one. A
-    /// mixture-of-depths model routes them as [`SessionOptions::prefill_routing`] says.
+    /// mixture-of-depths model routes them as [`SessionOptions::prefill_routing`] says;
+    /// with [`SessionOptions::kv_prediction`] a fresh conversation's prompt is prefilled
+    /// by KV prediction.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<&mut [f32], SessionError> {
         self.prefill_with_tap(tokens, None, self.prefill_routing)
     }
@@ -228,7 +282,18 @@ impl<'m, 'a> Session<'m, 'a> {
     ) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
         let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap };
-        forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last, routing);
+        match (self.predictor_for(tokens), self.aux_cache.as_mut()) {
+            (Some(predictor), Some(aux_cache)) => {
+                aux_cache.truncate(0);
+                let (model, states) = (self.model, &self.states);
+                let (aux_cache, cache) = (spin::RwLock::new(aux_cache), spin::RwLock::new(&mut self.cache));
+                self.team.run(|member| {
+                    let mut state = states[member.index()].lock();
+                    predicted_prefill_member(model, predictor, &mut state, &aux_cache, &cache, &compute, member, tokens);
+                });
+            }
+            _ => forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last, routing),
+        }
         self.position += tokens.len();
         Ok(self.states[0].get_mut().logits_mut())
     }
@@ -283,13 +348,26 @@ impl<'m, 'a> Session<'m, 'a> {
         let (model, states, start, capacity) = (self.model, &self.states, self.position, self.cache.capacity());
         let (prompt_routing, decode) = (self.prefill_routing, PrefillRouting::Causal);
         let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
+        let predicted = match (self.predictor_for(prompt), self.aux_cache.as_mut()) {
+            (Some(predictor), Some(aux_cache)) => {
+                aux_cache.truncate(0);
+                Some((predictor, spin::RwLock::new(aux_cache)))
+            }
+            _ => None,
+        };
         let cache = spin::RwLock::new(&mut self.cache);
+        let run_prompt = |member: &crate::parallel::Member<'_>, state: &mut RunState| match &predicted {
+            Some((predictor, aux_cache)) => {
+                predicted_prefill_member(model, predictor, state, aux_cache, &cache, &compute, member, prompt)
+            }
+            None => forward_member(model, state, &cache, &compute, member, prompt, start, None, prompt_routing),
+        };
         // What the leader asks of the workers after each barrier: `None` ends the call.
         let next: spin::Mutex<Option<(u32, usize)>> = spin::Mutex::new(None);
         let (reason, end) = self.team.run_led(
             |member| {
                 let mut state = states[member.index()].lock();
-                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None, prompt_routing);
+                run_prompt(member, &mut state);
                 loop {
                     member.barrier();
                     let Some((token, position)) = *next.lock() else { return };
@@ -298,7 +376,7 @@ impl<'m, 'a> Session<'m, 'a> {
             },
             |member| {
                 let mut state = states[member.index()].lock();
-                forward_member(model, &mut state, &cache, &compute, member, prompt, start, None, prompt_routing);
+                run_prompt(member, &mut state);
                 let mut position = start + prompt.len();
                 if max_new_tokens == 0 {
                     member.barrier();
