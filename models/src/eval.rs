@@ -37,6 +37,10 @@ pub enum EvalCommand {
     /// kurtosis over the channels, and the max and median over channels of each channel's
     /// largest |activation|.
     ActStats(ActStatsArgs),
+    /// Quality of KV-prediction prefill: accuracy on a repeated-word task and perplexity
+    /// of continuations after prompts of several lengths, with the base's own cache, the
+    /// predicted cache, and the auxiliary model alone.
+    Kvp(crate::kvp_eval::KvpEvalArgs),
 }
 
 /// Arguments of `petrel eval ppl`.
@@ -124,6 +128,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Ppl(args) => perplexity(&args),
         EvalCommand::ActStats(args) => activation_stats(&args),
+        EvalCommand::Kvp(args) => crate::kvp_eval::run(&args),
     }
 }
 

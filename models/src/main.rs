@@ -1,6 +1,7 @@
 //! `petrel`: run language models on the Petrel runtime.
 
 mod eval;
+mod kvp_eval;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
