@@ -15,6 +15,7 @@
 //! prefill and decode.
 
 mod kernels;
+mod kvp_bench;
 mod mod_bench;
 mod peak;
 mod timing;
@@ -56,6 +57,10 @@ enum BenchCommand {
     /// weight bytes per decoded token, KV-cache bytes; writes
     /// bench/results/<name>-speed.{json,md}.
     Mod(mod_bench::ModArgs),
+    /// KV-prediction prefill against the base's own prefill: time to first token for
+    /// several prompt lengths, with llama.cpp's prefill as reference; writes
+    /// bench/results/<name>.{json,md}.
+    Kvp(kvp_bench::KvpArgs),
 }
 
 /// The default benchmark: the same GGUF files through Petrel and llama.cpp.
@@ -114,6 +119,7 @@ fn main() -> Result<()> {
     match cli.command {
         Some(BenchCommand::W4a4(args)) => w4a4::run(&args),
         Some(BenchCommand::Mod(args)) => mod_bench::run(&args),
+        Some(BenchCommand::Kvp(args)) => kvp_bench::run(&args),
         None => same_file_bench(&cli.args),
     }
 }

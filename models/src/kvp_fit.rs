@@ -30,8 +30,13 @@ use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::kv_predict::{predictor_tensor_name, KEY_BLOCK_COUNT, KEY_LAYER_MAP, KEY_SOURCE_LAYERS};
 use petrel_runtime::mapped::MappedFile;
+use petrel_quant::w4::GroupSize;
+use petrel_runtime::scheme::KEY_ACTIVATION_BITS_PREFIX;
 use petrel_runtime::{Model, Session, SessionOptions};
 use rayon::prelude::*;
+
+use crate::quantize::master::Matrix;
+use crate::quantize::{put_w4, quantize_w4};
 
 use crate::ridge::{cholesky, solve};
 use crate::{corpus, registry};
@@ -46,6 +51,10 @@ pub enum MapType {
     /// llama.cpp's Q8_0 (8-bit blocks of 32, integer kernels with 8-bit activations).
     #[value(name = "q8_0")]
     Q8_0,
+    /// The model's W4 format with 8-bit activations (W4 files only; the fast W4 GEMM).
+    W4a8,
+    /// The model's W4 format with its own activation bits (4 in a W4A4 file).
+    W4,
 }
 
 /// `petrel kvp-fit` options.
@@ -74,7 +83,7 @@ pub struct KvpFitArgs {
     /// Ridge strength on standardized inputs.
     #[arg(long, default_value_t = 1e-3)]
     pub ridge: f64,
-    /// Storage of the map matrices (default: q8_0 for quantized models, f32 otherwise).
+    /// Storage of the map matrices (default: w4a8 for W4 models, f32 otherwise).
     #[arg(long, value_enum)]
     pub map_type: Option<MapType>,
     /// Worker threads (default: all available cores).
@@ -237,7 +246,23 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// The map matrix `w` (`n × n`) in `ty`'s bytes and GGUF type.
+/// Writes map matrix `w` (`n × n`, output-major) as tensor `name` in `ty`'s storage
+/// (`group`: the model's W4 group size, for the W4 storages).
+fn put_map(writer: &mut GgufWriter, name: &str, w: &[f32], n: usize, ty: MapType, group: Option<GroupSize>) -> Result<()> {
+    if let (MapType::W4a8 | MapType::W4, Some(group)) = (ty, group) {
+        let matrix = Matrix { rows: n, cols: n, data: w.to_vec() };
+        put_w4(writer, name, quantize_w4(&matrix, group, None, false)?);
+        if ty == MapType::W4a8 {
+            writer.metadata(&format!("{KEY_ACTIVATION_BITS_PREFIX}{name}"), MetadataValue::U32(8));
+        }
+        return Ok(());
+    }
+    let (ty, bytes) = map_tensor(w, n, ty);
+    writer.tensor(name, &[n as u64, n as u64], ty, bytes);
+    Ok(())
+}
+
+/// The map matrix `w` (`n × n`) in `ty`'s bytes and GGUF type (float and Q8_0 storages).
 fn map_tensor(w: &[f32], n: usize, ty: MapType) -> (TensorType, Vec<u8>) {
     match ty {
         MapType::F32 => (TensorType::F32, w.iter().flat_map(|v| v.to_le_bytes()).collect()),
@@ -250,6 +275,7 @@ fn map_tensor(w: &[f32], n: usize, ty: MapType) -> (TensorType, Vec<u8>) {
             }
             (TensorType::Q8_0, out)
         }
+        MapType::W4a8 | MapType::W4 => unreachable!("W4 maps are written by put_map"),
     }
 }
 
@@ -284,7 +310,11 @@ pub fn run(args: &KvpFitArgs) -> Result<()> {
         (None, Some(p)) => &p.aux,
         (None, None) => bail!("no auxiliary model"),
     };
-    let map_type = args.map_type.unwrap_or(if model.scheme.is_some() { MapType::Q8_0 } else { MapType::F32 });
+    let map_type = args.map_type.unwrap_or(if model.scheme.is_some() { MapType::W4a8 } else { MapType::F32 });
+    let group = model.scheme.map(|s| s.group);
+    if matches!(map_type, MapType::W4a8 | MapType::W4) && group.is_none() {
+        bail!("--map-type {map_type:?} needs a W4 model (this one has no petrel.quant.scheme)");
+    }
     let kv = model.config.kv_dim();
     if map_type == MapType::Q8_0 && !kv.is_multiple_of(32) {
         bail!("--map-type q8_0 needs a key/value width divisible by 32 (this model's is {kv})");
@@ -337,7 +367,11 @@ pub fn run(args: &KvpFitArgs) -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let mut writer = GgufWriter::copy_of(&gguf, |name| !name.starts_with("petrel.kvp.") && !name.starts_with("kvp.pred."));
+    let mut writer = GgufWriter::copy_of(&gguf, |name| {
+        !name.starts_with("petrel.kvp.")
+            && !name.starts_with("kvp.pred.")
+            && !name.starts_with(&format!("{KEY_ACTIVATION_BITS_PREFIX}kvp.pred."))
+    });
     writer
         .metadata(KEY_BLOCK_COUNT, MetadataValue::U32(aux.config.layers as u32))
         .metadata(KEY_LAYER_MAP, MetadataValue::I32Array(map.iter().map(|&a| a as i32).collect()));
@@ -348,8 +382,7 @@ pub fn run(args: &KvpFitArgs) -> Result<()> {
     eprintln!("layer  aux  R²(K)  R²(V)");
     for (l, ((kw, kb, kr2), (vw, vb, vr2))) in fitted.iter().enumerate() {
         for (which, w, b) in [("k", kw, kb), ("v", vw, vb)] {
-            let (ty, bytes) = map_tensor(w, kv, map_type);
-            writer.tensor(&predictor_tensor_name(l, &format!("{which}.weight")), &[kv as u64, kv as u64], ty, bytes);
+            put_map(&mut writer, &predictor_tensor_name(l, &format!("{which}.weight")), w, kv, map_type, group)?;
             let bias: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
             writer.tensor(&predictor_tensor_name(l, &format!("{which}.bias")), &[kv as u64], TensorType::F32, bias);
         }

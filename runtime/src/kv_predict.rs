@@ -75,6 +75,8 @@ pub struct KvPredictor<'a> {
     pub layer_map: Vec<usize>,
     /// Per auxiliary block, the base block it was cut from, when the file says.
     pub source_layers: Option<Vec<usize>>,
+    /// The auxiliary blocks are stored in the file (`kvp.blk.*`), not base blocks.
+    pub own_blocks: bool,
     /// Per base layer: pre-RoPE key map.
     pub keys: Vec<AffineMap<'a>>,
     /// Per base layer: value map.
@@ -149,7 +151,7 @@ impl<'a> KvPredictor<'a> {
         };
         let keys = (0..layers).map(|l| map(l, "k")).collect::<Result<Vec<_>, _>>()?;
         let values = (0..layers).map(|l| map(l, "v")).collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(KvPredictor { aux, layer_map, source_layers, keys, values }))
+        Ok(Some(KvPredictor { aux, layer_map, source_layers, own_blocks, keys, values }))
     }
 
     /// Bytes of weights the prediction reads beyond the base model: the auxiliary blocks

@@ -7,7 +7,9 @@
 use anyhow::{bail, Result};
 use petrel_quant::hadamard::Hadamard;
 use petrel_quant::rng::SplitMix64;
+use petrel_runtime::kv_predict::AffineMap;
 use petrel_runtime::linear::Linear;
+use petrel_runtime::model::LayerWeights;
 use petrel_runtime::{LlamaConfig, Model};
 use rayon::prelude::*;
 
@@ -74,6 +76,21 @@ pub struct MasterLayer {
 }
 
 impl MasterLayer {
+    /// Dequantizes a loaded block.
+    pub fn from_weights(l: &LayerWeights<'_>) -> Self {
+        MasterLayer {
+            attn_norm: l.attn_norm.clone(),
+            wq: Matrix::from_linear(&l.wq),
+            wk: Matrix::from_linear(&l.wk),
+            wv: Matrix::from_linear(&l.wv),
+            wo: Matrix::from_linear(&l.wo),
+            ffn_norm: l.ffn_norm.clone(),
+            w_gate: Matrix::from_linear(&l.w_gate),
+            w_up: Matrix::from_linear(&l.w_up),
+            w_down: Matrix::from_linear(&l.w_down),
+        }
+    }
+
     /// The block's linears with their GGUF names' suffixes.
     pub fn linears(&self) -> [(&'static str, &Matrix); 7] {
         [
@@ -88,9 +105,22 @@ impl MasterLayer {
     }
 }
 
+/// A KV predictor's weights (`petrel_runtime::kv_predict`) in f32.
+#[derive(Clone, Debug)]
+pub struct MasterKvp {
+    /// The auxiliary model's own blocks; empty when it reuses base blocks.
+    pub aux_layers: Vec<MasterLayer>,
+    /// Per base layer, the pre-RoPE key map (`kv_dim × kv_dim`) and its bias.
+    pub keys: Vec<(Matrix, Vec<f32>)>,
+    /// Per base layer, the value map and its bias.
+    pub values: Vec<(Matrix, Vec<f32>)>,
+}
+
 /// The whole model in f32.
 #[derive(Clone, Debug)]
 pub struct MasterWeights {
+    /// The KV predictor, for files that have one.
+    pub kvp: Option<MasterKvp>,
     pub config: LlamaConfig,
     /// Token embeddings, `vocab × dim`.
     pub embedding: Matrix,
@@ -106,22 +136,23 @@ impl MasterWeights {
         let embedding = Matrix::from_linear(&model.token_embedding);
         let tied = model.output.same_data(&model.token_embedding);
         let head = if tied { None } else { Some(Matrix::from_linear(&model.output)) };
-        let layers = model
-            .layers
-            .iter()
-            .map(|l| MasterLayer {
-                attn_norm: l.attn_norm.clone(),
-                wq: Matrix::from_linear(&l.wq),
-                wk: Matrix::from_linear(&l.wk),
-                wv: Matrix::from_linear(&l.wv),
-                wo: Matrix::from_linear(&l.wo),
-                ffn_norm: l.ffn_norm.clone(),
-                w_gate: Matrix::from_linear(&l.w_gate),
-                w_up: Matrix::from_linear(&l.w_up),
-                w_down: Matrix::from_linear(&l.w_down),
-            })
-            .collect();
-        MasterWeights { config: model.config.clone(), embedding, head, output_norm: model.output_norm.clone(), layers }
+        let layers = model.layers.iter().map(MasterLayer::from_weights).collect();
+        let kvp = model.kv_predictor.as_deref().map(|p| {
+            let maps = |maps: &[AffineMap<'_>]| maps.iter().map(|m| (Matrix::from_linear(&m.weight), m.bias.clone())).collect();
+            MasterKvp {
+                aux_layers: if p.own_blocks { p.aux.layers.iter().map(MasterLayer::from_weights).collect() } else { Vec::new() },
+                keys: maps(&p.keys),
+                values: maps(&p.values),
+            }
+        });
+        MasterWeights {
+            config: model.config.clone(),
+            embedding,
+            head,
+            output_norm: model.output_norm.clone(),
+            layers,
+            kvp,
+        }
     }
 
     /// QuaRot (Ashkboos et al., 2024), every rotation fused offline except one:
@@ -158,7 +189,8 @@ impl MasterWeights {
         self.embedding.map_rows(rotate);
 
         let per_head = |v: &mut [f32]| v.chunks_exact_mut(c.head_dim).for_each(|h| h_head.apply(h));
-        for l in &mut self.layers {
+        let aux_layers = self.kvp.as_mut().map_or(&mut [][..], |k| &mut k.aux_layers[..]);
+        for l in self.layers.iter_mut().chain(aux_layers) {
             for w in [&mut l.wq, &mut l.wk, &mut l.wv] {
                 w.fold_gain(&l.attn_norm);
             }
@@ -177,6 +209,17 @@ impl MasterWeights {
             l.wv.map_columns(per_head);
             l.wo.map_rows(per_head);
             l.w_down.map_rows(|row| h_ffn.apply(row));
+        }
+        // A KV predictor's maps: keys are untouched (W_k only gained a rotated input);
+        // values became P·v with P = I ⊗ H_head on both sides of a value map, so
+        // W' = P·W·Pᵀ and b' = P·b.
+        // (W·Pᵀ's rows are P applied to W's rows, as for W_o above.)
+        if let Some(kvp) = &mut self.kvp {
+            for (w, b) in &mut kvp.values {
+                w.map_columns(per_head);
+                w.map_rows(per_head);
+                per_head(b);
+            }
         }
         Ok(())
     }

@@ -25,6 +25,9 @@ use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 
 /// Metadata keys of mixture-of-depths routing, kept by quantization.
 const MOD_KEY_PREFIX: &str = "petrel.mod.";
+/// KV-prediction metadata (`petrel.kvp.*`) passes through; its tensors are re-quantized.
+const KVP_KEY_PREFIX: &str = "petrel.kvp.";
+use petrel_runtime::kv_predict::{predictor_tensor_name, AUX_PREFIX as KVP_AUX_PREFIX};
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::scheme::{
     KEY_ACTIVATION_BITS_PREFIX, KEY_ACTIVATION_CLIP, KEY_GROUP_SIZE, KEY_ROTATION, KEY_SCHEME, SCALES_SUFFIX,
@@ -32,7 +35,7 @@ use petrel_runtime::scheme::{
 use petrel_runtime::Model;
 use rayon::prelude::*;
 
-use master::{MasterWeights, Matrix};
+use master::{MasterLayer, MasterWeights, Matrix};
 
 /// The quantization scheme of the blocks' linear layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -289,7 +292,7 @@ fn write_model(
     for (key, value) in source.metadata() {
         // Our own quantization keys are rewritten below; mixture-of-depths routing is
         // independent of the weights' format and passes through.
-        if key.starts_with("petrel.") && !key.starts_with(MOD_KEY_PREFIX) {
+        if key.starts_with("petrel.") && !key.starts_with(MOD_KEY_PREFIX) && !key.starts_with(KVP_KEY_PREFIX) {
             continue;
         }
         if let Some(v) = MetadataValue::from_value(value) {
@@ -306,7 +309,8 @@ fn write_model(
         w.metadata(KEY_ROTATION, MetadataValue::String(if layout.rotated { "quarot" } else { "none" }.into()));
     }
 
-    let bar = ProgressBar::new((master.layers.len() * 7 + 2) as u64).with_style(
+    let aux_blocks = master.kvp.as_ref().map_or(0, |k| k.aux_layers.len());
+    let bar = ProgressBar::new(((master.layers.len() + aux_blocks) * 7 + 2) as u64).with_style(
         ProgressStyle::with_template("quantizing {bar:30} {pos}/{len} matrices {msg} ({eta} left)")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -327,18 +331,6 @@ fn write_model(
     bar.inc(1);
     w.tensor("output_norm.weight", &[master.output_norm.len() as u64], TensorType::F32, f32_bytes(&master.output_norm));
     for (l, layer) in master.layers.iter().enumerate() {
-        w.tensor(
-            &format!("blk.{l}.attn_norm.weight"),
-            &[layer.attn_norm.len() as u64],
-            TensorType::F32,
-            f32_bytes(&layer.attn_norm),
-        );
-        w.tensor(
-            &format!("blk.{l}.ffn_norm.weight"),
-            &[layer.ffn_norm.len() as u64],
-            TensorType::F32,
-            f32_bytes(&layer.ffn_norm),
-        );
         // Mixture-of-depths routers and predictors (f32) pass through unchanged.
         let prefix = format!("blk.{l}.mod_");
         for t in source.tensors().iter().filter(|t| t.name.starts_with(&prefix)) {
@@ -355,38 +347,76 @@ fn write_model(
             };
             w.tensor(&clips_name, &[values.len() as u64], TensorType::F32, f32_bytes(&values));
         }
-        for (suffix, m) in layer.linears() {
-            let name = format!("blk.{l}.{suffix}.weight");
-            bar.set_message(name.clone());
-            match layout.scheme {
-                Scheme::F32 => put_dense(&mut w, &name, m, layout.dense_linears),
-                _ => {
-                    let site = site_of(suffix);
-                    if layout.a8_sites.contains(&site) {
+        write_block(&mut w, "", l, layer, layout, |site| hessians.map(|h| h.get(l, site)), &bar)?;
+    }
+    if let Some(kvp) = &master.kvp {
+        // The auxiliary blocks are quantized like the base's (round to nearest: the
+        // calibration pass runs the base only); the maps get 8-bit activations.
+        for (a, layer) in kvp.aux_layers.iter().enumerate() {
+            write_block(&mut w, KVP_AUX_PREFIX, a, layer, layout, |_| None, &bar)?;
+        }
+        for (l, ((k, kb), (v, vb))) in kvp.keys.iter().zip(&kvp.values).enumerate() {
+            for (which, m, b) in [("k", k, kb), ("v", v, vb)] {
+                let name = predictor_tensor_name(l, &format!("{which}.weight"));
+                match layout.scheme {
+                    Scheme::F32 => put_dense(&mut w, &name, m, layout.dense_linears),
+                    _ => {
                         w.metadata(&format!("{KEY_ACTIVATION_BITS_PREFIX}{name}"), MetadataValue::U32(8));
+                        put_w4(&mut w, &name, quantize_w4(m, layout.group, None, false)?);
                     }
-                    let hessian = hessians.map(|h| h.get(l, site));
-                    let q = quantize_w4(m, layout.group, hessian.as_deref(), layout.act_order)
-                        .with_context(|| format!("quantizing {name}"))?;
-                    put_w4(&mut w, &name, q);
                 }
+                let bias = predictor_tensor_name(l, &format!("{which}.bias"));
+                w.tensor(&bias, &[b.len() as u64], TensorType::F32, f32_bytes(b));
             }
-            bar.inc(1);
         }
     }
     bar.finish_and_clear();
     Ok(w)
 }
 
+/// Writes block `l`'s norms and linears as `{prefix}blk.{l}.…` per `layout`, with GPTQ
+/// where `hessian` gives an input Hessian for a site.
+fn write_block(
+    w: &mut GgufWriter,
+    prefix: &str,
+    l: usize,
+    layer: &MasterLayer,
+    layout: &Layout,
+    hessian: impl Fn(TapSite) -> Option<Vec<f64>>,
+    bar: &ProgressBar,
+) -> Result<()> {
+    for (norm, gain) in [("attn_norm", &layer.attn_norm), ("ffn_norm", &layer.ffn_norm)] {
+        w.tensor(&format!("{prefix}blk.{l}.{norm}.weight"), &[gain.len() as u64], TensorType::F32, f32_bytes(gain));
+    }
+    for (suffix, m) in layer.linears() {
+        let name = format!("{prefix}blk.{l}.{suffix}.weight");
+        bar.set_message(name.clone());
+        match layout.scheme {
+            Scheme::F32 => put_dense(w, &name, m, layout.dense_linears),
+            _ => {
+                let site = site_of(suffix);
+                if layout.a8_sites.contains(&site) {
+                    w.metadata(&format!("{KEY_ACTIVATION_BITS_PREFIX}{name}"), MetadataValue::U32(8));
+                }
+                let q = quantize_w4(m, layout.group, hessian(site).as_deref(), layout.act_order)
+                    .with_context(|| format!("quantizing {name}"))?;
+                put_w4(w, &name, q);
+            }
+        }
+        bar.inc(1);
+    }
+    Ok(())
+}
+
 /// A W4 matrix ready to write.
-struct W4Tensor {
+pub(crate) struct W4Tensor {
     shape: W4Shape,
     packed: Vec<u8>,
     scales: Vec<u8>,
 }
 
 /// Round-to-nearest with MSE-optimal clipping, or GPTQ when a Hessian is given.
-fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>, act_order: bool) -> Result<W4Tensor> {
+pub(crate) fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>, act_order: bool) -> Result<W4Tensor> {
     let shape = W4Shape { rows: m.rows, cols: m.cols, group };
     if !m.rows.is_multiple_of(PANEL_ROWS) {
         bail!("W4 needs a multiple of {PANEL_ROWS} rows, the matrix has {}", m.rows);
@@ -419,7 +449,7 @@ fn quantize_w4(m: &Matrix, group: GroupSize, hessian: Option<&[f64]>, act_order:
     Ok(W4Tensor { shape, packed, scales })
 }
 
-fn put_w4(w: &mut GgufWriter, name: &str, t: W4Tensor) {
+pub(crate) fn put_w4(w: &mut GgufWriter, name: &str, t: W4Tensor) {
     let s = &t.shape;
     w.tensor(name, &[(s.padded_cols() / 2) as u64, s.padded_rows() as u64], TensorType::I8, t.packed);
     w.tensor(

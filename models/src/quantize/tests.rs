@@ -140,3 +140,50 @@ fn gptq_beats_round_to_nearest_on_the_rotated_blocks() {
     let (e_rtn, e_gptq) = (mean_squared_difference(&rtn, &reference), mean_squared_difference(&gptq, &reference));
     assert!(e_gptq < 0.9 * e_rtn, "GPTQ logit error {e_gptq} is not below round-to-nearest's {e_rtn}");
 }
+
+/// A KV predictor survives QuaRot: with its own auxiliary block and random maps, the
+/// predicted prefill's logits are unchanged by the rotation (the value maps are
+/// conjugated by the per-head Hadamard, the auxiliary block rotated like a base block).
+#[test]
+fn rotations_leave_kv_predicted_prefill_unchanged() {
+    use petrel_runtime::kv_predict::{KEY_BLOCK_COUNT, KEY_LAYER_MAP};
+
+    let file = model_file();
+    let source = GgufFile::parse(file.bytes()).expect("valid GGUF");
+    let model = Model::load(&source).expect("loads");
+    let mut master = MasterWeights::from_model(&model);
+    master.layers.truncate(BLOCKS);
+    let kv = model.config.kv_dim();
+    let mut seed = 3u64;
+    let mut noise = move || {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let mut map = || {
+        let data = (0..kv * kv).map(|i| if i / kv == i % kv { 1.0 } else { 0.0 } + 0.05 * noise()).collect();
+        (super::master::Matrix { rows: kv, cols: kv, data }, (0..kv).map(|_| 0.1 * noise()).collect::<Vec<f32>>())
+    };
+    let keys = (0..BLOCKS).map(|_| map()).collect();
+    let values = (0..BLOCKS).map(|_| map()).collect();
+    master.kvp = Some(super::master::MasterKvp { aux_layers: vec![master.layers[1].clone()], keys, values });
+    let predicted_logits = |master: &MasterWeights, rotated: bool| {
+        let mut w = write_model(&source, master, &dense(rotated), None).expect("serializes");
+        w.metadata("llama.block_count", MetadataValue::U32(BLOCKS as u32))
+            .metadata(KEY_BLOCK_COUNT, MetadataValue::U32(1))
+            .metadata(KEY_LAYER_MAP, MetadataValue::I32Array(vec![0; BLOCKS]));
+        let bytes = w.to_bytes();
+        let file = GgufFile::parse(&bytes).expect("parses");
+        let model = Model::load(&file).expect("loads");
+        assert!(model.kv_predictor.as_ref().is_some_and(|p| p.own_blocks));
+        let tokens = model.tokenizer.encode(TEXT, false);
+        let options = SessionOptions { capacity: 64, kv_prediction: true, ..SessionOptions::default() };
+        let mut session = Session::new(&model, options).expect("session");
+        session.prefill(&tokens).expect("runs").to_vec()
+    };
+    let plain = predicted_logits(&master, false);
+    master.rotate(7).expect("rotates");
+    let rotated = predicted_logits(&master, true);
+    let worst = plain.iter().zip(&rotated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let scale = plain.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(worst <= 2e-4 * scale.max(1.0), "rotation changed the logits by up to {worst} (max |logit| {scale})");
+}
