@@ -340,3 +340,50 @@ fn kvp_quantized_or_unlaid_out_inputs_are_refused() -> anyhow::Result<()> {
     assert!(message(weights::load(&file, None, 16)).contains("aux block 2"));
     Ok(())
 }
+
+#[test]
+fn kvp_ridge_style_files_start_from_their_source_blocks() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (path, _) = write_base(dir.path())?;
+    // A ridge-fit-like file: the layout and a (non-identity) predictor, no aux blocks.
+    let bytes = std::fs::read(&path)?;
+    let file = GgufFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let made = weights::load(&file, Some(2), 16)?;
+    let wk = made.model.params.iter().find(|p| p.name == "kvp.pred.3.k.weight").expect("predictor");
+    wk.var.set(&(wk.var.as_tensor() * 0.5)?)?;
+    let mut w = GgufWriter::copy_of(&file, |_| true);
+    made.layout.write_metadata(&mut w)?;
+    for p in made.model.params.iter().filter(|p| p.name.starts_with("kvp.pred.")) {
+        let t = p.var.as_tensor();
+        let dims: Vec<u64> = t.dims().iter().rev().map(|&d| d as u64).collect();
+        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        w.tensor(&p.name, &dims, TensorType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    }
+    let ridge = w.to_bytes();
+    let file = GgufFile::parse(&ridge).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = weights::load(&file, None, 16)?;
+    assert_eq!(loaded.origin, Origin::SourceLayers);
+    // Aux block 1 is base block 2; the predictor is the file's.
+    for (i, name) in BLOCK_TENSORS.iter().enumerate() {
+        let aux = &loaded.model.params[9 + i];
+        assert_eq!(aux.name, format!("kvp.blk.1.{name}.weight"));
+        assert_eq!(max_diff(aux.var.as_tensor(), &loaded.model.base[2][i])?, 0.0, "{name}");
+    }
+    let read = loaded.model.params.iter().find(|p| p.name == "kvp.pred.3.k.weight").expect("predictor");
+    assert_eq!(max_diff(read.var.as_tensor(), wk.var.as_tensor())?, 0.0);
+
+    // Training an aux block copy leaves the base block alone.
+    let aux = &loaded.model.params[9 + 1];
+    aux.var.set(&(aux.var.as_tensor() * 2.0)?)?;
+    assert!(max_diff(aux.var.as_tensor(), &loaded.model.base[2][1])? > 0.0);
+
+    // Some aux block tensors but not all: refused.
+    let mut w = GgufWriter::copy_of(&file, |_| true);
+    let q = file.tensor("blk.0.attn_q.weight").expect("base tensor");
+    w.tensor("kvp.blk.0.attn_q.weight", q.shape(), q.ty, q.data.to_vec());
+    let partial = w.to_bytes();
+    let file = GgufFile::parse(&partial).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let e = weights::load(&file, None, 16).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(e.contains("all nine or none"), "{e}");
+    Ok(())
+}
