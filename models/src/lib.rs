@@ -5,6 +5,7 @@ pub mod act_stats;
 pub mod bpe_train;
 pub mod corpus;
 pub mod gguf_out;
+pub mod kvp_train;
 pub mod quantize;
 pub mod kvp_fit;
 pub mod registry;

@@ -57,6 +57,23 @@ enum Command {
     /// Give a model a KV predictor for fast prefill: a layer-pruned auxiliary model and
     /// per-layer key/value maps fitted in closed form (or refit the maps of one it has).
     KvpFit(Box<petrel_models::kvp_fit::KvpFitArgs>),
+    /// Train a KV-prediction aux model and predictor with the base frozen (candle, CPU).
+    ///
+    /// KV prediction (Horton et al., 2024) prefills a prompt with a small aux model whose
+    /// keys and values a learned linear map per base layer turns into the base's cache;
+    /// the base then runs only the last prompt token. This trains the aux blocks
+    /// (`kvp.blk.*`) and the maps (`kvp.pred.*`) of an f32/f16 GGUF that has a
+    /// `petrel.kvp.*` layout (or gets one with --init-aux every:N), for --minutes of wall
+    /// clock, on loss = CE_base + CE_aux + L1: CE_base is the base's next-token
+    /// cross-entropy at --base-positions random positions per window, each attending to the
+    /// predicted cache before it plus its own key/value (exactly the runtime's last prompt
+    /// token); CE_aux is the aux model's own (shared embedding, final norm and head); L1
+    /// sums, over base layers, the mean |predicted − true| of keys (before RoPE) and
+    /// values.
+    ///
+    /// Writes OUT (the input plus the trained f32 tensors), OUT's name with .json (held-out
+    /// losses at start and end, throughput) and .jsonl (every step's losses).
+    KvpTrain(Box<petrel_models::kvp_train::KvpTrainArgs>),
     /// Measure a model (`petrel eval ppl`: perplexity on a text file; `petrel eval act-stats`:
     /// activation outlier statistics per layer).
     Eval {
@@ -161,6 +178,7 @@ fn main() {
         Command::Train(args) => petrel_models::train::run(&args),
         Command::RouteFit(args) => petrel_models::route_fit::run(&args),
         Command::KvpFit(args) => petrel_models::kvp_fit::run(&args),
+        Command::KvpTrain(args) => petrel_models::kvp_train::run(&args),
     };
     if let Err(e) = result {
         // A closed pipe (`petrel inspect … | head`) is a normal way to stop reading.

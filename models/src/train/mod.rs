@@ -34,7 +34,7 @@ pub mod optim;
 pub mod trainer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -244,7 +244,8 @@ fn agreement_note(layers: &[model::LayerRouting]) -> String {
     }
 }
 
-fn corpus_file(given: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
+/// `given`, or the corpora cache's `name` (which must exist).
+pub(crate) fn corpus_file(given: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
     match given {
         Some(p) => Ok(p.clone()),
         None => {

@@ -570,13 +570,13 @@ fn bce_with_logits(z: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// `a · weightᵀ` for activations `[batch, T, in]` and a weight `[out, in]`, as one 2-D
 /// matmul over all tokens (a batched matmul would first broadcast the weight).
-fn matmul_rows(a: &Tensor, weight: &Tensor) -> Result<Tensor> {
+pub(crate) fn matmul_rows(a: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (b, t, d) = a.dims3()?;
     a.reshape((b * t, d))?.matmul(&weight.t()?)?.reshape((b, t, weight.dim(0)?))
 }
 
 /// `x / √(mean(x²) + ε) · gain` over the last dimension.
-fn rms_norm(x: &Tensor, gain: &Tensor, eps: f32) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, gain: &Tensor, eps: f32) -> Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (mean_square + eps as f64)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(gain)
@@ -584,7 +584,7 @@ fn rms_norm(x: &Tensor, gain: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// Cos and sin of RoPE's angles, `[context, head_dim / 2]`, computed exactly as the
 /// runtime's `rope_table` (f64 `libm`, then rounded to f32).
-fn rope_tables(shape: &ModelShape) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(shape: &ModelShape) -> Result<(Tensor, Tensor)> {
     let pairs = shape.head_dim() / 2;
     let mut table = vec![0f32; 2 * pairs];
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
@@ -602,7 +602,7 @@ fn rope_tables(shape: &ModelShape) -> Result<(Tensor, Tensor)> {
 /// Rotates adjacent pairs `(x[2i], x[2i+1])` of each head of `x` (`[batch, heads, T, hd]`)
 /// by the angles of `cos`/`sin` (`[T, hd/2]`, or `[batch, 1, T, hd/2]` for per-sequence
 /// positions; any shape that broadcasts to `[batch, heads, T, hd/2]`).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, t, hd) = x.dims4()?;
     let pairs = x.contiguous()?.reshape((b, h, t, hd / 2, 2))?;
     let a = pairs.narrow(4, 0, 1)?.squeeze(4)?;
@@ -614,7 +614,7 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Repeats each key/value head `times` times along the head axis (grouped-query attention:
 /// query head `i` reads KV head `i / times`).
-fn repeat_kv(x: &Tensor, times: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, times: usize) -> Result<Tensor> {
     if times == 1 {
         return Ok(x.clone());
     }

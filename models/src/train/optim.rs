@@ -43,17 +43,30 @@ impl AdamW {
         lr: f64,
         trained: impl Fn(&Parameter) -> bool,
     ) -> Result<f64> {
+        self.step_with(params, grads, settings, |p| trained(p).then_some(lr))
+    }
+
+    /// [`AdamW::step`] with a learning rate per parameter: `lr_of` gives it, or `None` for
+    /// a parameter not trained. The gradient norm (and its clipping) is global over the
+    /// trained parameters.
+    pub fn step_with(
+        &mut self,
+        params: &[Parameter],
+        grads: &GradStore,
+        settings: &TrainSettings,
+        lr_of: impl Fn(&Parameter) -> Option<f64>,
+    ) -> Result<f64> {
         let mut selected = Vec::new();
         let mut square_sum = 0f64;
         for (i, p) in params.iter().enumerate() {
-            if !trained(p) {
+            let Some(lr) = lr_of(p) else {
                 continue;
-            }
+            };
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 bail!("parameter {} received no gradient", p.name);
             };
             square_sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            selected.push((i, g.clone()));
+            selected.push((i, lr, g.clone()));
         }
         let norm = square_sum.sqrt();
         if !norm.is_finite() {
@@ -65,7 +78,7 @@ impl AdamW {
         let (b1, b2) = (settings.beta1, settings.beta2);
         let correction1 = 1.0 - b1.powi(t);
         let correction2 = 1.0 - b2.powi(t);
-        for (i, g) in selected {
+        for (i, lr, g) in selected {
             let g = (g * scale)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;

@@ -37,14 +37,14 @@ fn toy_settings(qat: bool, kurtosis_weight: f64) -> TrainSettings {
 }
 
 /// A 300-token BPE vocabulary (the toy shape's) trained on a repeated sentence.
-fn toy_tokenizer() -> anyhow::Result<crate::bpe_train::TrainedTokenizer> {
+pub(crate) fn toy_tokenizer() -> anyhow::Result<crate::bpe_train::TrainedTokenizer> {
     let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
                 it was the age of foolishness. 1234 times over.\n"
         .repeat(20);
     crate::bpe_train::train_bpe(&text, 300, &super::SPECIAL_TOKENS, None)
 }
 
-fn toy_tokens(vocab: u32) -> Vec<u32> {
+pub(crate) fn toy_tokens(vocab: u32) -> Vec<u32> {
     let mut rng = SplitMix64(99);
     // A stream with structure (runs of increasing ids) so the loss can fall.
     (0..4000).map(|i| ((i / 3) as u32 + (rng.next() % 3) as u32) % vocab).collect()
