@@ -179,6 +179,28 @@ impl KvpModel {
         self.logits(&run.hidden)
     }
 
+    /// The predicted cache of `tokens` (`[1, T]` u32) computed in candle: per base layer,
+    /// the keys after RoPE at positions `0..T` and the values, `[T, kv_dim]` each — what
+    /// the runtime's KV-prediction prefill writes for a prompt of `T + 1` tokens (a
+    /// reference for it).
+    pub fn predicted_cache(&self, tokens: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        let t = tokens.dim(1)?;
+        let aux: Vec<BlockTensors> = (0..self.aux_blocks()).map(|a| self.aux_block(a, true)).collect();
+        let run = self.causal_run(&self.embed(tokens)?, &aux, true)?;
+        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim());
+        (0..self.shape.layers)
+            .map(|l| {
+                let [wk, bk, wv, bv] = self.predictor(l, true);
+                let a = self.layer_map[l];
+                let k = matmul_rows(&run.keys[a], &wk)?.broadcast_add(&bk)?;
+                let v = matmul_rows(&run.values[a], &wv)?.broadcast_add(&bv)?;
+                let k = rope(&k.reshape((1, t, kvh, hd))?.transpose(1, 2)?, &cos, &sin)?;
+                Ok((k.transpose(1, 2)?.reshape((t, kvh * hd))?, v.reshape((t, kvh * hd))?))
+            })
+            .collect()
+    }
+
     /// The losses of `batch` (inputs and targets `[batch, T]`) with the base scored at
     /// `positions` (`batch · m` entries, row by row, each in `1..T`). With `train`, the
     /// total carries the graph to the trained parameters; otherwise nothing is tracked.

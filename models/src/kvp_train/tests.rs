@@ -298,6 +298,8 @@ fn kvp_train_cli_writes_a_file_that_reads_back() -> anyhow::Result<()> {
     let wk = again.model.params.iter().find(|p| p.name == "kvp.pred.0.k.weight").expect("read back");
     assert!(max_diff(wk.var.as_tensor(), &identity)? > 1e-4, "the predictor did not change");
 
+    runtime_predicted_cache_matches_candle(&file, &again)?;
+
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.with_extension("json"))?)?;
     assert_eq!(summary["steps"], 3);
     assert!(summary["end"]["ce_base"].as_f64().is_some_and(f64::is_finite));
@@ -385,5 +387,33 @@ fn kvp_ridge_style_files_start_from_their_source_blocks() -> anyhow::Result<()> 
     let file = GgufFile::parse(&partial).map_err(|e| anyhow::anyhow!("{e}"))?;
     let e = weights::load(&file, None, 16).err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(e.contains("all nine or none"), "{e}");
+    Ok(())
+}
+
+/// The runtime's KV-prediction prefill of a trained file writes, for every base layer, the
+/// rows the candle model computes from the same weights (auxiliary blocks, maps, RoPE).
+fn runtime_predicted_cache_matches_candle(file: &GgufFile<'_>, loaded: &weights::Loaded) -> anyhow::Result<()> {
+    use petrel_runtime::{Model, Session, SessionOptions};
+    let model = Model::load(file)?;
+    let predictor = model.kv_predictor.as_ref().expect("the runtime reads the predictor");
+    assert!(predictor.own_blocks);
+    let prompt: Vec<u32> = (0..12u32).map(|i| (i * 37 + 5) % shape().vocab as u32).collect();
+    let options = SessionOptions { capacity: 16, kv_prediction: true, max_batch: 5, ..SessionOptions::default() };
+    let mut session = Session::new(&model, options)?;
+    session.prefill(&prompt)?;
+    let n = prompt.len() - 1;
+    let tokens = Tensor::from_vec(prompt[..n].to_vec(), (1, n), &Device::Cpu)?;
+    let reference = loaded.model.predicted_cache(&tokens)?;
+    let kv = shape().kv_dim();
+    for (l, (keys, values)) in reference.iter().enumerate() {
+        let (rk, rv) = session.kv_rows(l);
+        assert_eq!(session.positions_through(l), (0..=n as u32).collect::<Vec<_>>());
+        for (name, ours, theirs) in [("keys", &rk[..n * kv], keys), ("values", &rv[..n * kv], values)] {
+            let theirs: Vec<f32> = theirs.flatten_all()?.to_vec1()?;
+            let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = ours.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 1e-4 * scale.max(1.0), "layer {l} {name}: off by {worst} at scale {scale}");
+        }
+    }
     Ok(())
 }
