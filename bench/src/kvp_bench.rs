@@ -154,7 +154,10 @@ pub fn run(args: &KvpArgs) -> Result<()> {
                 }
             }
             let ratios: Vec<String> = best_pred.iter().map(|p| format!("{:.2}×", best_base / p)).collect();
-            eprintln!("t={threads} prompt {n}: base {best_base:.1} ms, predicted {best_pred:.1?} ms ({})", ratios.join(", "));
+            eprintln!(
+                "t={threads} prompt {n}: base {best_base:.1} ms, predicted {best_pred:.1?} ms ({})",
+                ratios.join(", ")
+            );
             rows.push(TtftRow {
                 threads,
                 prompt: n,
@@ -166,8 +169,7 @@ pub fn run(args: &KvpArgs) -> Result<()> {
         }
     }
     if let Some(llama) = &llama_model {
-        let speeds =
-            llama_speed(&args.llama_python, llama, &args.threads, &args.prompts, 0, args.repetitions.max(1))?;
+        let speeds = llama_speed(&args.llama_python, llama, &args.threads, &args.prompts, 0, args.repetitions.max(1))?;
         for row in &mut rows {
             let test = format!("pp{}", row.prompt);
             if let Some(s) = speeds.iter().find(|s| s.threads == row.threads && s.test == test) {

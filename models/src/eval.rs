@@ -317,7 +317,14 @@ fn perplexity(args: &PplArgs) -> Result<()> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // A routed model's windows run as one batch, so that top-k sees the whole window.
     let max_batch = if model.routing.is_some() { args.window } else { SessionOptions::default().max_batch };
-    let options = SessionOptions { capacity: args.window, threads, max_batch, prefill_routing, kernels: None, kv_prediction: false };
+    let options = SessionOptions {
+        capacity: args.window,
+        threads,
+        max_batch,
+        prefill_routing,
+        kernels: None,
+        kv_prediction: false,
+    };
     let mut session = Session::new(&model, options)?;
     eprintln!(
         "{}: {} tokens ({text_tokens} in the file), {} windows of {} ({method}{}), {threads} threads",

@@ -139,7 +139,11 @@ pub fn run(args: &KvpEvalArgs) -> Result<()> {
     let longest = args.prompt_lens.iter().copied().max().unwrap_or(RECALL_WINDOW);
     let capacity = longest + args.continuation;
     if capacity > model.config.context_length {
-        bail!("prompts of {longest} + {} tokens exceed the model's context of {}", args.continuation, model.config.context_length);
+        bail!(
+            "prompts of {longest} + {} tokens exceed the model's context of {}",
+            args.continuation,
+            model.config.context_length
+        );
     }
 
     let text = corpus::read_text(&args.text)?;
@@ -164,7 +168,8 @@ pub fn run(args: &KvpEvalArgs) -> Result<()> {
     let mut logits = vec![0f32; args.continuation * vocab];
     let mut results = Vec::new();
     let bar = ProgressBar::new((args.modes.len() * args.prompt_lens.len() * positions.len()) as u64).with_style(
-        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} ({eta})").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     for &mode in &args.modes {
         let (runner, kv_prediction) = match (mode, predictor) {
@@ -207,7 +212,13 @@ pub fn run(args: &KvpEvalArgs) -> Result<()> {
     bar.finish_and_clear();
     println!("{:<10} {:>7} {:>9} {:>11}", "mode", "prompt", "accuracy", "perplexity");
     for r in &results {
-        println!("{:<10} {:>7} {:>8.1}% {:>11.2}", format!("{:?}", r.mode).to_lowercase(), r.prompt_len, 100.0 * r.accuracy, r.perplexity);
+        println!(
+            "{:<10} {:>7} {:>8.1}% {:>11.2}",
+            format!("{:?}", r.mode).to_lowercase(),
+            r.prompt_len,
+            100.0 * r.accuracy,
+            r.perplexity
+        );
     }
     if let Some(out) = &args.json {
         let report = serde_json::json!({
@@ -218,7 +229,8 @@ pub fn run(args: &KvpEvalArgs) -> Result<()> {
             "min_word_chars": args.min_word_chars,
             "results": results,
         });
-        std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
 }

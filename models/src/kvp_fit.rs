@@ -25,12 +25,12 @@ use std::sync::{Mutex, PoisonError};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use petrel_quant::blocks::{quantize_row, WeightFormat};
+use petrel_quant::w4::GroupSize;
 use petrel_runtime::forward::{ActivationTap, TapSite};
 use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::kv_predict::{predictor_tensor_name, KEY_BLOCK_COUNT, KEY_LAYER_MAP, KEY_SOURCE_LAYERS};
 use petrel_runtime::mapped::MappedFile;
-use petrel_quant::w4::GroupSize;
 use petrel_runtime::scheme::KEY_ACTIVATION_BITS_PREFIX;
 use petrel_runtime::{Model, Session, SessionOptions};
 use rayon::prelude::*;
@@ -226,7 +226,8 @@ impl Normal {
         let mut bias = vec![0f32; n];
         let (mut explained, mut total) = (0f64, 0f64);
         for j in 0..n {
-            let c: Vec<f64> = (0..n).map(|i| (self.sum_xy[i * n + j] / rows - mean_x[i] * mean_y[j]) / std[i]).collect();
+            let c: Vec<f64> =
+                (0..n).map(|i| (self.sum_xy[i * n + j] / rows - mean_x[i] * mean_y[j]) / std[i]).collect();
             let beta = solve(&factor, &c, n);
             let w: Vec<f64> = (0..n).map(|i| beta[i] / std[i]).collect();
             bias[j] = (mean_y[j] - w.iter().zip(&mean_x).map(|(w, m)| w * m).sum::<f64>()) as f32;
@@ -248,7 +249,14 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// Writes map matrix `w` (`n × n`, output-major) as tensor `name` in `ty`'s storage
 /// (`group`: the model's W4 group size, for the W4 storages).
-fn put_map(writer: &mut GgufWriter, name: &str, w: &[f32], n: usize, ty: MapType, group: Option<GroupSize>) -> Result<()> {
+fn put_map(
+    writer: &mut GgufWriter,
+    name: &str,
+    w: &[f32],
+    n: usize,
+    ty: MapType,
+    group: Option<GroupSize>,
+) -> Result<()> {
     if let (MapType::W4a8 | MapType::W4, Some(group)) = (ty, group) {
         let matrix = Matrix { rows: n, cols: n, data: w.to_vec() };
         put_w4(writer, name, quantize_w4(&matrix, group, None, false)?);
@@ -266,7 +274,9 @@ fn put_map(writer: &mut GgufWriter, name: &str, w: &[f32], n: usize, ty: MapType
 fn map_tensor(w: &[f32], n: usize, ty: MapType) -> (TensorType, Vec<u8>) {
     match ty {
         MapType::F32 => (TensorType::F32, w.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        MapType::F16 => (TensorType::F16, w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect()),
+        MapType::F16 => {
+            (TensorType::F16, w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect())
+        }
         MapType::Q8_0 => {
             let row_bytes = WeightFormat::Q8_0.row_bytes(n).unwrap_or(0);
             let mut out = vec![0u8; n * row_bytes];
@@ -387,7 +397,10 @@ pub fn run(args: &KvpFitArgs) -> Result<()> {
             writer.tensor(&predictor_tensor_name(l, &format!("{which}.bias")), &[kv as u64], TensorType::F32, bias);
         }
         eprintln!("{l:>5}  {:>3}  {kr2:.3}  {vr2:.3}", map[l]);
-        report.push(format!("    {{\"layer\": {l}, \"aux_block\": {}, \"r2_keys\": {kr2}, \"r2_values\": {vr2}}}", map[l]));
+        report.push(format!(
+            "    {{\"layer\": {l}, \"aux_block\": {}, \"r2_keys\": {kr2}, \"r2_values\": {vr2}}}",
+            map[l]
+        ));
     }
     crate::gguf_out::write_loadable(&args.out, &writer.to_bytes())?;
     let json = format!(

@@ -167,7 +167,12 @@ impl<'a> KvPredictor<'a> {
 }
 
 /// Reads an optional i32 array of indices, each below `bound`.
-fn indices(file: &GgufFile<'_>, key: &str, bound: usize, outside: &'static str) -> Result<Option<Vec<usize>>, ModelError> {
+fn indices(
+    file: &GgufFile<'_>,
+    key: &str,
+    bound: usize,
+    outside: &'static str,
+) -> Result<Option<Vec<usize>>, ModelError> {
     let Some(value) = file.get(key) else {
         return Ok(None);
     };

@@ -289,10 +289,21 @@ impl<'m, 'a> Session<'m, 'a> {
                 let (aux_cache, cache) = (spin::RwLock::new(aux_cache), spin::RwLock::new(&mut self.cache));
                 self.team.run(|member| {
                     let mut state = states[member.index()].lock();
-                    predicted_prefill_member(model, predictor, &mut state, &aux_cache, &cache, &compute, member, tokens);
+                    predicted_prefill_member(
+                        model, predictor, &mut state, &aux_cache, &cache, &compute, member, tokens,
+                    );
                 });
             }
-            _ => forward(self.model, &self.states, &mut self.cache, &compute, tokens, self.position, Logits::Last, routing),
+            _ => forward(
+                self.model,
+                &self.states,
+                &mut self.cache,
+                &compute,
+                tokens,
+                self.position,
+                Logits::Last,
+                routing,
+            ),
         }
         self.position += tokens.len();
         Ok(self.states[0].get_mut().logits_mut())

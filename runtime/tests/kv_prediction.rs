@@ -166,12 +166,16 @@ fn predicted_rows_are_the_mapped_auxiliary_rows_at_the_base_positions() {
             let mut x = aux_keys[t * KV..(t + 1) * KV].to_vec();
             ops::unapply_rope(&mut x, c.head_dim, &table);
             let mut expected_k: Vec<f32> = (0..KV)
-                .map(|r| (wk[r].iter().zip(&x).map(|(w, v)| *w as f64 * *v as f64).sum::<f64>()) as f32 + key_map.bias[r])
+                .map(|r| {
+                    (wk[r].iter().zip(&x).map(|(w, v)| *w as f64 * *v as f64).sum::<f64>()) as f32 + key_map.bias[r]
+                })
                 .collect();
             ops::apply_rope(&mut expected_k, c.head_dim, &table);
             let xv = &aux_values[t * KV..(t + 1) * KV];
             let expected_v: Vec<f32> = (0..KV)
-                .map(|r| (wv[r].iter().zip(xv).map(|(w, v)| *w as f64 * *v as f64).sum::<f64>()) as f32 + value_map.bias[r])
+                .map(|r| {
+                    (wv[r].iter().zip(xv).map(|(w, v)| *w as f64 * *v as f64).sum::<f64>()) as f32 + value_map.bias[r]
+                })
                 .collect();
             for (got, want) in keys[t * KV..(t + 1) * KV].iter().zip(&expected_k) {
                 assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "layer {l} row {t}: key {got} vs {want}");
@@ -297,7 +301,10 @@ fn malformed_predictors_are_rejected_at_load() {
     let shape = load(&good(), &|w| {
         w.tensor("kvp.pred.3.v.weight", &[KV as u64, 96], TensorType::F32, bytes(&vec![0.0; KV * 96]));
     });
-    assert!(matches!(shape, Err(ModelError::BadTensorShape { ref tensor, .. }) if tensor == "kvp.pred.3.v.weight"), "{shape:?}");
+    assert!(
+        matches!(shape, Err(ModelError::BadTensorShape { ref tensor, .. }) if tensor == "kvp.pred.3.v.weight"),
+        "{shape:?}"
+    );
     let without = |drop: &dyn Fn(&str) -> bool| {
         let full = with_predictor(&source, &good(), |_| {});
         let bytes = GgufWriter::copy_of(&GgufFile::parse(&full).expect("parses"), |n| !drop(n)).to_bytes();

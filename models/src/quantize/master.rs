@@ -138,9 +138,15 @@ impl MasterWeights {
         let head = if tied { None } else { Some(Matrix::from_linear(&model.output)) };
         let layers = model.layers.iter().map(MasterLayer::from_weights).collect();
         let kvp = model.kv_predictor.as_deref().map(|p| {
-            let maps = |maps: &[AffineMap<'_>]| maps.iter().map(|m| (Matrix::from_linear(&m.weight), m.bias.clone())).collect();
+            let maps = |maps: &[AffineMap<'_>]| {
+                maps.iter().map(|m| (Matrix::from_linear(&m.weight), m.bias.clone())).collect()
+            };
             MasterKvp {
-                aux_layers: if p.own_blocks { p.aux.layers.iter().map(MasterLayer::from_weights).collect() } else { Vec::new() },
+                aux_layers: if p.own_blocks {
+                    p.aux.layers.iter().map(MasterLayer::from_weights).collect()
+                } else {
+                    Vec::new()
+                },
                 keys: maps(&p.keys),
                 values: maps(&p.values),
             }
