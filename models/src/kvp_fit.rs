@@ -80,8 +80,9 @@ pub struct KvpFitArgs {
     /// Tokens per window (the positions the maps see: use the prompt lengths you serve).
     #[arg(long, default_value_t = 512)]
     pub window: usize,
-    /// Ridge strength on standardized inputs.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Ridge strength on standardized inputs (0.1 measured best on SmolLM2 W4A4 among
+    /// 0.001, 0.01, 0.1 and 1: continuation perplexity 338, 262, 254, 311).
+    #[arg(long, default_value_t = 0.1)]
     pub ridge: f64,
     /// Storage of the map matrices (default: w4a8 for W4 models, f32 otherwise).
     #[arg(long, value_enum)]

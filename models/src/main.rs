@@ -298,9 +298,10 @@ fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
 fn print_prefill_mode(model: &Model<'_>, predicted: bool) {
     match (&model.kv_predictor, predicted) {
         (Some(p), true) => eprintln!(
-            "[prefill: KV prediction, auxiliary model of {} blocks for the base's {}]",
+            "[prefill: KV prediction, auxiliary model of {} blocks for the base's {} ({} of weights beyond the base)]",
             p.aux.layers.len(),
-            model.layers.len()
+            model.layers.len(),
+            stats::format_bytes(p.extra_weight_bytes(model) as u64),
         ),
         (Some(_), false) => eprintln!("[prefill: base model (the file has a KV predictor; --kv-prediction uses it)]"),
         (None, _) => {}
