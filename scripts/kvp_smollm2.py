@@ -5,8 +5,10 @@ of 128/512/1024 tokens, time to first token of each (`petrel-bench kvp`, with ll
 prefill), and the TTFT-vs-accuracy Pareto plot. Writes bench/results/kvp-smollm2.{md,json,svg}
 and bench/results/kvp-ttft.{md,json}.
 
-The base is the W4A4 file of the quality table (rotated + GPTQ, 8-bit activations at the
-normalized residual), `~/.cache/petrel/quality/w4a4-rot-gptq-a8norm.gguf`. Variants:
+The base is SmolLM2 quantized with the quality table's best recipe (W4A4, rotated + GPTQ,
+8-bit activations at the normalized residual), made here (`~/.cache/petrel/kvp/w4a4-base.gguf`)
+with the same command that quantizes the trained files, so every variant has the same base
+bit for bit. Variants:
 - ridge, 0.25 / 0.5: `petrel kvp-fit --keep every:4 / every:2` on the W4A4 file itself
   (the auxiliary model is the base's own blocks 0,4,…,28 / 0,2,…,28; W4A8 maps);
 - trained, 0.25: `petrel kvp-train` output (f32, from `kvp-fit` on the f32 reference),
@@ -30,8 +32,11 @@ HOME = Path(os.environ.get("PETREL_HOME", Path.home() / ".cache/petrel"))
 PETREL = Path(os.environ.get("PETREL_BIN", ROOT / "target/release/petrel"))
 BENCH = Path(os.environ.get("PETREL_BENCH_BIN", ROOT / "target/release/petrel-bench"))
 CORPORA = HOME / "corpora"
-BASE = HOME / "quality/w4a4-rot-gptq-a8norm.gguf"
+SOURCE = HOME / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORK = HOME / "kvp"
+# The base: the published file quantized with the quality table's best recipe, made here so
+# that it is bit-identical to the base inside the quantized trained files.
+BASE = WORK / "w4a4-base.gguf"
 # The base's recipe (bench/results/w4a4-quality.md, row w4a4-rot-gptq-a8norm).
 QUANTIZE = ["--scheme", "w4a4", "--group", "128", "--act-clip", "0.8", "--rotate", "--gptq",
             "--calib", HOME / "quality/calib.txt", "--calib-tokens", "8192", "--a8", "attn-in,mlp-in"]
@@ -104,7 +109,8 @@ def svg(points, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trained", type=Path, help="kvp-train output (f32) to quantize and include")
+    ap.add_argument("--trained", type=Path, action="append", default=[],
+                    help="kvp-train output (f32) to quantize and include (repeatable)")
     ap.add_argument("--samples", default="64")
     ap.add_argument("--continuation", default="32")
     ap.add_argument("--prompt-lens", default="128,512,1024")
@@ -120,6 +126,7 @@ def main():
         svg(json.loads(args.replot.read_text())["pareto"], args.replot.with_suffix(".svg"))
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    make(BASE, [PETREL, "quantize", SOURCE, BASE] + QUANTIZE, args.reuse)
     train = CORPORA / "train.txt"
     fit = [PETREL, "kvp-fit", "--text", train, "--calib-tokens", "16384", "--window", "512", "--ridge", args.ridge]
     variants = []  # (label, kind, file)
@@ -127,13 +134,14 @@ def main():
         out = WORK / f"w4a4-ridge-a{aux}.gguf"
         make(out, fit + ["--model", BASE, "--keep", keep, "--out", out], args.reuse)
         variants.append((f"ridge maps, aux = base blocks {keep} ({aux} blocks)", "ridge", out, aux))
-    if args.trained:
-        quantized = WORK / f"w4a4-{args.trained.stem}.gguf"
-        make(quantized, [PETREL, "quantize", args.trained, quantized] + QUANTIZE, args.reuse)
-        variants.append(("trained aux + trained maps (8 blocks)", "trained", quantized, 8))
-        refit = WORK / f"w4a4-{args.trained.stem}-refit.gguf"
+    for trained in args.trained:
+        aux = json.loads(trained.with_suffix(".json").read_text())["layout"]["block_count"]
+        quantized = WORK / f"w4a4-{trained.stem}.gguf"
+        make(quantized, [PETREL, "quantize", trained, quantized] + QUANTIZE, args.reuse)
+        variants.append((f"trained aux + trained maps ({aux} blocks)", "trained", quantized, aux))
+        refit = WORK / f"w4a4-{trained.stem}-refit.gguf"
         make(refit, fit + ["--model", quantized, "--out", refit], args.reuse)
-        variants.append(("trained aux + maps refit on W4A4 (8 blocks)", "trained", refit, 8))
+        variants.append((f"trained aux + maps refit on W4A4 ({aux} blocks)", "trained", refit, aux))
 
     evals = [evaluate(f, "base,predicted,aux" if i == 0 else "predicted,aux", args)
              for i, (_, _, f, _) in enumerate(variants)]
