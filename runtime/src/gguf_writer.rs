@@ -90,9 +90,15 @@ impl GgufWriter {
         w
     }
 
+    /// Removes tensor `name`, if present (to replace it, remove it first: adding a name
+    /// twice writes a file with a duplicate tensor, which readers reject).
+    pub fn remove_tensor(&mut self, name: &str) -> &mut Self {
+        self.tensors.retain(|(n, ..)| n != name);
+        self
+    }
+
     /// Adds a tensor with ggml dims (innermost first) and its raw little-endian bytes.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: TensorType, data: Vec<u8>) -> &mut Self {
-        self.tensors.retain(|(n, ..)| n != name);
         self.tensors.push((name.into(), dims.to_vec(), ty, data));
         self
     }

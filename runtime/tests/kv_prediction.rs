@@ -299,7 +299,12 @@ fn malformed_predictors_are_rejected_at_load() {
     );
     // A map of the wrong shape, a missing bias, a non-finite bias.
     let shape = load(&good(), &|w| {
-        w.tensor("kvp.pred.3.v.weight", &[KV as u64, 96], TensorType::F32, bytes(&vec![0.0; KV * 96]));
+        w.remove_tensor("kvp.pred.3.v.weight").tensor(
+            "kvp.pred.3.v.weight",
+            &[KV as u64, 96],
+            TensorType::F32,
+            bytes(&vec![0.0; KV * 96]),
+        );
     });
     assert!(
         matches!(shape, Err(ModelError::BadTensorShape { ref tensor, .. }) if tensor == "kvp.pred.3.v.weight"),
@@ -312,7 +317,12 @@ fn malformed_predictors_are_rejected_at_load() {
     };
     assert_eq!(without(&|n| n == "kvp.pred.29.k.bias"), Err(ModelError::MissingTensor("kvp.pred.29.k.bias".into())));
     let nan = load(&good(), &|w| {
-        w.tensor("kvp.pred.0.k.bias", &[KV as u64], TensorType::F32, bytes(&[f32::NAN; KV]));
+        w.remove_tensor("kvp.pred.0.k.bias").tensor(
+            "kvp.pred.0.k.bias",
+            &[KV as u64],
+            TensorType::F32,
+            bytes(&[f32::NAN; KV]),
+        );
     });
     assert!(matches!(nan, Err(ModelError::BadTensorValues { .. })), "{nan:?}");
     // Auxiliary blocks that are neither stored nor named by source_layers.
