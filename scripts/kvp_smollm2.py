@@ -65,44 +65,67 @@ def evaluate(model, modes, args):
     return json.loads(out.read_text())
 
 
-def svg(points, path):
-    """Accuracy at 512 tokens against TTFT at 512 tokens (1 thread), one point per variant;
-    the Pareto front (lower TTFT, higher accuracy) joined."""
-    w, h, left, right, top, bottom = 680, 420, 70, 230, 30, 50
+def panel(points, key, log, x0, w, h, title):
+    """One scatter panel of `key` (accuracy: higher is better, linear; perplexity: lower is
+    better, log) against TTFT, with the Pareto front joined; returns SVG elements."""
+    import math
+    left, right, top, bottom = x0 + 60, x0 + w - 15, 45, h - 45
     xs = [p["ttft_ms"] for p in points]
-    ys = [p["accuracy"] for p in points]
+    vals = [p[key] for p in points]
     x_hi = max(xs) * 1.1
-    y_hi = max(max(ys) * 1.15, 0.05)
-    x_of = lambda x: left + x / x_hi * (w - left - right)
-    y_of = lambda y: top + (y_hi - y) / y_hi * (h - top - bottom)
-    colors = {"base": "#000000", "ridge": "#1f77b4", "trained": "#d62728", "aux": "#7f7f7f"}
+    f = (lambda v: math.log10(v)) if log else (lambda v: v)
+    lo, hi = (f(min(vals)) - 0.2, f(max(vals)) + 0.2) if log else (0.0, max(max(vals) * 1.15, 0.05))
+    x_of = lambda x: left + x / x_hi * (right - left)
+    y_of = lambda v: top + (hi - f(v)) / (hi - lo) * (bottom - top)
+    out = [f'<text x="{left}" y="{top - 12}" font-size="13">{title}</text>',
+           f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="black"/>',
+           f'<text x="{(left + right) / 2 - 80}" y="{h - 10}">time to first token, ms (1 thread)</text>']
+    step = max(50, round(x_hi / 5 / 50) * 50)
+    for x in range(0, int(x_hi) + 1, step):
+        out.append(f'<line x1="{x_of(x)}" y1="{bottom}" x2="{x_of(x)}" y2="{bottom + 5}" stroke="black"/>')
+        out.append(f'<text x="{x_of(x) - 10}" y="{bottom + 18}" font-size="10">{x}</text>')
+    if log:
+        for e in range(math.ceil(lo), math.floor(hi) + 1):
+            out.append(f'<line x1="{left - 4}" y1="{y_of(10 ** e)}" x2="{right}" y2="{y_of(10 ** e)}" stroke="#eee"/>')
+            out.append(f'<text x="{left - 50}" y="{y_of(10 ** e) + 4}" font-size="10">1e{e}</text>')
+    else:
+        for i in range(6):
+            v = hi * i / 5
+            out.append(f'<line x1="{left - 4}" y1="{y_of(v)}" x2="{right}" y2="{y_of(v)}" stroke="#eee"/>')
+            out.append(f'<text x="{left - 40}" y="{y_of(v) + 4}" font-size="10">{100 * v:.1f}%</text>')
+    better = (lambda a, b: a < b) if log else (lambda a, b: a > b)
+    front = []
+    for p in sorted(points, key=lambda p: p["ttft_ms"]):
+        if not front or better(p[key], front[-1][key]):
+            front.append(p)
+    pts = " ".join(f'{x_of(p["ttft_ms"])},{y_of(p[key])}' for p in front)
+    out.append(f'<polyline points="{pts}" fill="none" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="5,3"/>')
+    for i, p in enumerate(points):
+        color = COLORS.get(p["kind"], "#9467bd")
+        out.append(f'<circle cx="{x_of(p["ttft_ms"])}" cy="{y_of(p[key])}" r="5" fill="{color}" fill-opacity="0.8"/>')
+        out.append(f'<text x="{x_of(p["ttft_ms"]) + 6}" y="{y_of(p[key]) - 5}" font-size="10">{i + 1}</text>')
+    return out
+
+
+COLORS = {"base": "#000000", "ridge": "#1f77b4", "trained": "#d62728", "aux": "#7f7f7f"}
+
+
+def svg(points, path):
+    """TTFT at 512-token prompts (1 thread) against repeated-word accuracy (left) and
+    continuation perplexity (right, log), one numbered point per variant, Pareto fronts
+    dashed, and the legend."""
+    pw, h, legend = 420, 420, 400
+    w = 2 * pw + legend
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{left}" y="18">SmolLM2-135M W4A4: KV-prediction prefill, 512-token prompts</text>',
-             f'<line x1="{left}" y1="{h-bottom}" x2="{w-right}" y2="{h-bottom}" stroke="black"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h-bottom}" stroke="black"/>',
-             f'<text x="{(w-right+left)/2-90}" y="{h-12}">time to first token, ms (1 thread)</text>',
-             f'<text x="8" y="{top-8}">repeated-word accuracy</text>']
-    step = max(50, round(x_hi / 6 / 50) * 50)
-    for x in range(0, int(x_hi) + 1, step):
-        parts.append(f'<line x1="{x_of(x)}" y1="{h-bottom}" x2="{x_of(x)}" y2="{h-bottom+5}" stroke="black"/>')
-        parts.append(f'<text x="{x_of(x)-10}" y="{h-bottom+18}">{x}</text>')
-    for i in range(6):
-        y = y_hi * i / 5
-        parts.append(f'<line x1="{left-5}" y1="{y_of(y)}" x2="{w-right}" y2="{y_of(y)}" stroke="#eee"/>')
-        parts.append(f'<text x="{left-45}" y="{y_of(y)+4}">{100*y:.0f}%</text>')
-    front = []
-    for p in sorted(points, key=lambda p: (p["ttft_ms"], -p["accuracy"])):
-        if not front or p["accuracy"] > front[-1]["accuracy"]:
-            front.append(p)
-    pts = " ".join(f'{x_of(p["ttft_ms"])},{y_of(p["accuracy"])}' for p in front)
-    parts.append(f'<polyline points="{pts}" fill="none" stroke="#2ca02c" stroke-width="1.5" stroke-dasharray="5,3"/>')
+             '<text x="60" y="18" font-size="14">SmolLM2-135M W4A4: KV-prediction prefill, 512-token prompts</text>']
+    parts += panel(points, "accuracy", False, 0, pw, h, "repeated-word accuracy (higher is better)")
+    parts += panel(points, "perplexity", True, pw, pw, h, "continuation perplexity (lower is better)")
     for i, p in enumerate(points):
-        color = colors.get(p["kind"], "#9467bd")
-        parts.append(f'<circle cx="{x_of(p["ttft_ms"])}" cy="{y_of(p["accuracy"])}" r="5" fill="{color}"/>')
-        parts.append(f'<text x="{x_of(p["ttft_ms"])+7}" y="{y_of(p["accuracy"])-6}" font-size="10">{i+1}</text>')
-        parts.append(f'<text x="{w-right+10}" y="{top+14+i*16}" fill="{color}" font-size="11">{i+1}. {p["label"]}</text>')
-    parts.append(f'<text x="{w-right+10}" y="{top+30+len(points)*16}" fill="#2ca02c" font-size="11">dashed: Pareto front</text>')
+        color = COLORS.get(p["kind"], "#9467bd")
+        parts.append(f'<text x="{2 * pw + 5}" y="{50 + i * 16}" fill="{color}" font-size="11">{i + 1}. {p["label"]}</text>')
+    parts.append(f'<text x="{2 * pw + 5}" y="{66 + len(points) * 16}" fill="#2ca02c" font-size="11">dashed: Pareto front</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
 
@@ -119,6 +142,7 @@ def main():
     ap.add_argument("--ridge", default="0.1", help="kvp-fit ridge strength")
     ap.add_argument("--reuse", action="store_true", help="keep files and evaluations that exist")
     ap.add_argument("--name", default="kvp-smollm2")
+    ap.add_argument("--skip-bench", action="store_true", help="use the existing bench/results/kvp-ttft.json")
     ap.add_argument("--replot", type=Path, help="only redraw the SVG from a results JSON")
     args = ap.parse_args()
     results = ROOT / "bench/results"
@@ -145,8 +169,9 @@ def main():
 
     evals = [evaluate(f, "base,predicted,aux" if i == 0 else "predicted,aux", args)
              for i, (_, _, f, _) in enumerate(variants)]
-    sh([BENCH, "kvp"] + sum((["--model", f] for _, _, f, _ in variants), [])
-       + ["--prompts", args.ttft_prompts, "--threads", "1,2", "--repetitions", "3", "--out", results])
+    if not args.skip_bench:
+        sh([BENCH, "kvp"] + sum((["--model", f] for _, _, f, _ in variants), [])
+           + ["--prompts", args.ttft_prompts, "--threads", "1,2", "--repetitions", "3", "--out", results])
     ttft = json.loads((results / "kvp-ttft.json").read_text())
 
     def ttft_of(threads, prompt):
@@ -174,14 +199,15 @@ def main():
                          "prompt": n, "accuracy": r["accuracy"], "perplexity": r["perplexity"]})
 
     t512 = ttft_of(1, 512)
-    pareto = [{"label": "base prefill", "kind": "base", "ttft_ms": t512["base_ms"],
-               "accuracy": result(base_eval, "base", 512)["accuracy"]}]
+    def point(label, kind, ttft_ms, r):
+        return {"label": label, "kind": kind, "ttft_ms": ttft_ms, "accuracy": r["accuracy"],
+                "perplexity": r["perplexity"]}
+
+    pareto = [point("base prefill", "base", t512["base_ms"], result(base_eval, "base", 512))]
     for i, ((label, kind, _, aux), e) in enumerate(zip(variants, evals)):
-        pareto.append({"label": f"predicted: {label}", "kind": kind, "ttft_ms": t512["predicted_ms"][i],
-                       "accuracy": result(e, "predicted", 512)["accuracy"]})
+        pareto.append(point(f"predicted: {label}", kind, t512["predicted_ms"][i], result(e, "predicted", 512)))
         if "refit" not in label:
-            pareto.append({"label": f"aux alone ({aux} blocks, {kind})", "kind": "aux",
-                           "ttft_ms": t512["aux_only_ms"][i], "accuracy": result(e, "aux", 512)["accuracy"]})
+            pareto.append(point(f"aux alone ({aux} blocks, {kind})", "aux", t512["aux_only_ms"][i], result(e, "aux", 512)))
 
     report = {"base": str(BASE), "variants": [{"label": l, "file": str(f), "aux_blocks": a} for l, _, f, a in variants],
               "samples": int(args.samples), "continuation": int(args.continuation), "rows": rows,
