@@ -38,7 +38,7 @@ use rayon::prelude::*;
 use crate::quantize::master::Matrix;
 use crate::quantize::{put_w4, quantize_w4};
 
-use crate::ridge::{cholesky, solve};
+use crate::ridge::{cholesky, solve, standardize, Standardized};
 use crate::{corpus, registry};
 
 /// How the map matrices are stored.
@@ -209,19 +209,8 @@ impl Normal {
         if self.rows < 2 {
             bail!("too few calibration rows");
         }
-        let mean_x: Vec<f64> = self.sum_x.iter().map(|s| s / rows).collect();
+        let Standardized { mean: mean_x, std, correlation: a } = standardize(&self.sum_x, &self.sum_xx, rows);
         let mean_y: Vec<f64> = self.sum_y.iter().map(|s| s / rows).collect();
-        let cov = |i: usize, j: usize| {
-            let (i, j) = (i.min(j), i.max(j));
-            self.sum_xx[i * n + j] / rows - mean_x[i] * mean_x[j]
-        };
-        let std: Vec<f64> = (0..n).map(|i| cov(i, i).max(0.0).sqrt().max(1e-6)).collect();
-        let mut a = vec![0f64; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                a[i * n + j] = cov(i, j) / (std[i] * std[j]);
-            }
-        }
         let factor = cholesky(&a, n, lambda)?;
         let mut weight = vec![0f32; n * n];
         let mut bias = vec![0f32; n];

@@ -34,7 +34,7 @@ use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::routing::{self, Gate};
 use petrel_runtime::{Model, Session, SessionOptions};
 
-use crate::ridge::ridge_solve;
+use crate::ridge::{ridge_solve, standardize, Standardized};
 use crate::{corpus, registry};
 
 /// `petrel route-fit` options.
@@ -184,19 +184,8 @@ fn fit(b: &BlockData, dim: usize, lambda: f64) -> Result<FittedRouter> {
     if b.tokens < 2 {
         bail!("too few calibration tokens");
     }
-    let mean: Vec<f64> = b.sum_x.iter().map(|s| s / n).collect();
+    let Standardized { mean, std, correlation: a } = standardize(&b.sum_x, &b.sum_xx, n);
     let mean_y = b.sum_y / n;
-    let cov = |i: usize, j: usize| {
-        let (i, j) = (i.min(j), i.max(j));
-        b.sum_xx[i * dim + j] / n - mean[i] * mean[j]
-    };
-    let std: Vec<f64> = (0..dim).map(|i| cov(i, i).max(0.0).sqrt().max(1e-6)).collect();
-    let mut a = vec![0f64; dim * dim];
-    for i in 0..dim {
-        for j in 0..dim {
-            a[i * dim + j] = cov(i, j) / (std[i] * std[j]);
-        }
-    }
     let c: Vec<f64> = (0..dim).map(|i| (b.sum_xy[i] / n - mean[i] * mean_y) / std[i]).collect();
     let beta = ridge_solve(&a, &c, dim, lambda)?;
     let weight: Vec<f64> = (0..dim).map(|i| beta[i] / std[i]).collect();
