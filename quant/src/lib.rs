@@ -8,7 +8,8 @@
 //! - [`w4`]: symmetric int4 weights in 16-row panels with per-channel or per-group f16
 //!   scales, int4/int8 activations scaled per token and group, and the W4A4 / W4A8 / W4A16 matrix kernels;
 //! - [`dot`]: block dot products — a scalar reference and x86 SIMD versions (AVX2,
-//!   AVX-512 VNNI) that are bit-identical to it — and [`dot::Kernels`], the dispatch table.
+//!   AVX-512 VNNI) that are bit-identical to it — and [`dot::Kernels`], the dispatch table;
+//! - Cortex-M kernels (DSP and Helium) for Q8_0 and W4, from the primitives in `cortex_m`.
 #![no_std]
 #![forbid(unsafe_op_in_unsafe_fn)]
 
@@ -20,6 +21,8 @@ extern crate alloc;
 
 pub mod activation;
 pub mod blocks;
+#[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+pub(crate) mod cortex_m;
 pub mod dot;
 pub mod float;
 pub mod hadamard;

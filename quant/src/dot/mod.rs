@@ -16,6 +16,8 @@
 //! Four lanes let SIMD kernels reduce four blocks' integer sums with one horizontal add
 //! chain and keep the float accumulation in one 128-bit register.
 
+#[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+mod cortex_m;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -43,6 +45,11 @@ pub enum Isa {
     NeonDot,
     /// aarch64 NEON with the int8 matrix-multiply extension (`smmla`; Armv8.6-A and later).
     NeonI8mm,
+    /// Arm M-profile DSP extension (`SMLAD`, `SXTB16`; Cortex-M4, M7, M33, M55, M85).
+    CortexMDsp,
+    /// Arm M-profile vector extension, Helium/MVE (`VMLADAVA`; Cortex-M55, M85), on top of
+    /// DSP. Needs this crate's `helium` feature (see the `cortex_m` module).
+    Helium,
 }
 
 impl Isa {
@@ -54,9 +61,17 @@ impl Isa {
     /// reference first, then in increasing order of preference.
     #[cfg(target_arch = "aarch64")]
     pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::NeonDot, Isa::NeonI8mm];
+    /// Every instruction set this build's target architecture has kernels for, the
+    /// reference first, then in increasing order of preference.
+    #[cfg(all(target_arch = "arm", feature = "helium"))]
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::CortexMDsp, Isa::Helium];
+    /// Every instruction set this build's target architecture has kernels for, the
+    /// reference first, then in increasing order of preference.
+    #[cfg(all(target_arch = "arm", not(feature = "helium")))]
+    pub const ALL: [Isa; 2] = [Isa::Scalar, Isa::CortexMDsp];
     /// Every instruction set this build's target architecture has kernels for: only the
     /// reference.
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")))]
     pub const ALL: [Isa; 1] = [Isa::Scalar];
 
     /// Whether this CPU runs kernels for `self`: detected at run time with `std`, from the
@@ -91,12 +106,16 @@ impl Isa {
                     cfg!(target_feature = "i8mm")
                 }
             }
+            #[cfg(target_arch = "arm")]
+            Isa::CortexMDsp => cfg!(target_feature = "dsp"),
+            #[cfg(target_arch = "arm")]
+            Isa::Helium => cfg!(all(target_feature = "dsp", feature = "helium")),
             _ => false,
         }
     }
 
     /// A short lower-case name (`scalar`, `avx2`, `avx512vnni`, `neon-dotprod`,
-    /// `neon-i8mm`).
+    /// `neon-i8mm`, `cortex-m-dsp`, `helium`).
     pub const fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
@@ -104,6 +123,8 @@ impl Isa {
             Isa::Avx512Vnni => "avx512vnni",
             Isa::NeonDot => "neon-dotprod",
             Isa::NeonI8mm => "neon-i8mm",
+            Isa::CortexMDsp => "cortex-m-dsp",
+            Isa::Helium => "helium",
         }
     }
 }
@@ -138,9 +159,26 @@ impl Kernels {
     }
 
     /// The kernels for `isa`, or `None` if this CPU (or this build) cannot run them.
+    ///
+    /// Formats without a kernel for `isa` use the reference (bit-identical anyway): on
+    /// aarch64 all three block formats, on Cortex-M Q4_0 and Q4_1. The table still carries
+    /// `isa`, which the W4 kernels follow (`W4Kernels::for_isa`).
     pub fn for_isa(isa: Isa) -> Option<Self> {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot | Isa::NeonI8mm if isa.is_supported() => Some(Kernels { isa, ..Self::scalar() }),
+            #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+            Isa::CortexMDsp if isa.is_supported() => {
+                Some(Kernels { isa, q8_0: cortex_m::dot_q8_0_dsp, q8_0_x4: cortex_m::dot4_q8_0_dsp, ..Self::scalar() })
+            }
+            #[cfg(all(target_arch = "arm", target_feature = "dsp", feature = "helium"))]
+            Isa::Helium if isa.is_supported() => Some(Kernels {
+                isa,
+                q8_0: cortex_m::dot_q8_0_helium,
+                q8_0_x4: cortex_m::dot4_q8_0_helium,
+                ..Self::scalar()
+            }),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if isa.is_supported() => Some(Kernels {
                 isa,
@@ -168,7 +206,7 @@ impl Kernels {
     /// The fastest kernels this CPU runs (detected at run time with `std`, otherwise
     /// from the compile-time target features).
     pub fn detect() -> Self {
-        Self::for_isa(Isa::Avx512Vnni).or_else(|| Self::for_isa(Isa::Avx2)).unwrap_or_else(Self::scalar)
+        Isa::ALL.iter().rev().find_map(|&isa| Self::for_isa(isa)).unwrap_or_else(Self::scalar)
     }
 
     /// The instruction set of these kernels.

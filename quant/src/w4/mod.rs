@@ -249,7 +249,7 @@ impl<'a> W4Matrix<'a> {
     #[inline]
     pub fn scale(&self, r: usize, g: usize) -> f32 {
         let at = self.shape.scale_index(r, g) * 2;
-        half::f16::from_bits(u16::from_le_bytes([self.scales[at], self.scales[at + 1]])).to_f32()
+        crate::blocks::f16_to_f32(u16::from_le_bytes([self.scales[at], self.scales[at + 1]]))
     }
 
     /// Writes row `r` dequantized (`s · q`) into `out` (`cols` long).

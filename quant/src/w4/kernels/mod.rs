@@ -20,6 +20,8 @@
 
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 mod aarch64;
+#[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+mod cortex_m;
 #[cfg(feature = "alloc")]
 pub mod lut;
 pub mod scalar;
@@ -75,6 +77,15 @@ impl W4Kernels {
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
             Isa::NeonI8mm if isa.is_supported() => {
                 Some(W4Kernels { isa, int: aarch64::gemm_int_i8mm, float: aarch64::gemm_float })
+            }
+            // Cortex-M: integer kernels only; W4A16's float product is the reference.
+            #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+            Isa::CortexMDsp if isa.is_supported() => {
+                Some(W4Kernels { isa, int: cortex_m::gemm_int_dsp, float: scalar::gemm_float })
+            }
+            #[cfg(all(target_arch = "arm", target_feature = "dsp", feature = "helium"))]
+            Isa::Helium if isa.is_supported() => {
+                Some(W4Kernels { isa, int: cortex_m::gemm_int_helium, float: scalar::gemm_float })
             }
             _ => None,
         }
