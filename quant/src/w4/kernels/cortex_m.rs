@@ -19,7 +19,9 @@
 //!   columns `8k + j` and the high columns `8k + 4 + j` of the 4 octs). The 16 rows of a panel
 //!   run in one assembly loop. A group whose oct count is not a multiple of 4 finishes with
 //!   the DSP code, and weights that are not 4-byte aligned (gathers need aligned words) take
-//!   the DSP kernel.
+//!   the DSP kernel. The float combine runs four rows per vector (`VCVTB.F32.F16` for the
+//!   scales, then `VMUL`, `VMUL`, `VADD`: the reference's three roundings per row); a group
+//!   in which MVE flushed a subnormal (FPSCR's UFC or IDC flag) is redone by the scalar FPU.
 //!
 //! # Safety
 //! Weights and activations are read through raw pointers without bounds checks. That is
@@ -79,8 +81,18 @@ unsafe fn dsp_octs(block: *const u8, codes: *const i8, octs: Range<usize>, isum:
     }
 }
 
+/// The reference's float combine of one group for a panel's 16 rows: `acc[i] += (s_w[i] ·
+/// s_x) · (f32)(isum[i] − correction)`, with `s_w` the 16 little-endian f16 scales in
+/// `scales` (32 bytes).
+#[inline(always)]
+fn combine_rows(acc: &mut [f32; PANEL_ROWS], isum: &[i32; PANEL_ROWS], scales: &[u8], xs: f32, correction: i32) {
+    for ((a, &s), ws) in acc.iter_mut().zip(isum).zip(scales.chunks_exact(2)) {
+        *a += (f16_to_f32(u16::from_le_bytes([ws[0], ws[1]])) * xs) * (s - correction) as f32;
+    }
+}
+
 /// The loops shared by both kernels: per panel, token and group, `octs` adds the group's
-/// `Σ u · x` per row; then the reference's float combine.
+/// `Σ u · x` per row and `combine` folds it into the accumulators as [`combine_rows`] does.
 #[inline(always)]
 fn drive(
     w: &W4Matrix<'_>,
@@ -89,6 +101,7 @@ fn drive(
     out: &mut [f32],
     out_stride: usize,
     octs: impl Fn(*const u8, *const i8, Range<usize>, &mut [i32; PANEL_ROWS]),
+    combine: impl Fn(&mut [f32; PANEL_ROWS], &[i32; PANEL_ROWS], &[u8], f32, i32),
 ) {
     let shape = w.shape();
     let (pc, groups, group_len) = (shape.padded_cols(), shape.groups(), shape.group_len());
@@ -109,10 +122,7 @@ fn drive(
                 let correction = 8 * x.sums[t * groups + g];
                 // The panel's 16 scales of group g are consecutive (see `W4Matrix`).
                 let at = (p * groups + g) * PANEL_ROWS * 2;
-                let scales = &w.scale_bytes()[at..at + PANEL_ROWS * 2];
-                for ((a, &s), ws) in acc.iter_mut().zip(&isum).zip(scales.chunks_exact(2)) {
-                    *a += (f16_to_f32(u16::from_le_bytes([ws[0], ws[1]])) * xs) * (s - correction) as f32;
-                }
+                combine(&mut acc, &isum, &w.scale_bytes()[at..at + PANEL_ROWS * 2], xs, correction);
             }
             for (i, &a) in acc.iter().enumerate() {
                 let r = p * PANEL_ROWS + i;
@@ -126,11 +136,19 @@ fn drive(
 
 /// DSP integer kernel (`W4IntFn`).
 pub(super) fn gemm_int_dsp(w: &W4Matrix<'_>, panels: Range<usize>, x: &TokenBatch<'_>, out: &mut [f32], stride: usize) {
-    drive(w, panels, x, out, stride, |block, codes, octs, isum| {
-        // SAFETY: `drive` passes the block of the group's first oct and the token's codes
-        // (see the module docs).
-        unsafe { dsp_octs(block, codes, octs, isum) }
-    })
+    drive(
+        w,
+        panels,
+        x,
+        out,
+        stride,
+        |block, codes, octs, isum| {
+            // SAFETY: `drive` passes the block of the group's first oct and the token's codes
+            // (see the module docs).
+            unsafe { dsp_octs(block, codes, octs, isum) }
+        },
+        combine_rows,
+    )
 }
 
 #[cfg(feature = "helium")]
@@ -141,7 +159,7 @@ mod helium {
     use core::arch::asm;
     use core::ops::Range;
 
-    use super::{drive, dsp_octs, gemm_int_dsp};
+    use super::{combine_rows, drive, dsp_octs, gemm_int_dsp};
     use crate::cortex_m::load_word;
     use crate::w4::activation::TokenBatch;
     use crate::w4::{W4Matrix, OCT, PANEL_BLOCK_BYTES, PANEL_ROWS};
@@ -157,10 +175,10 @@ mod helium {
         out: &mut [f32],
         stride: usize,
     ) {
-        if w.packed().as_ptr() as usize % 4 != 0 {
+        if w.packed().as_ptr() as usize % 4 != 0 || w.scale_bytes().as_ptr() as usize % 2 != 0 {
             return gemm_int_dsp(w, panels, x, out, stride);
         }
-        drive(w, panels, x, out, stride, |block, codes, octs, isum| {
+        let octs = |block: *const u8, codes: *const i8, octs: Range<usize>, isum: &mut [i32; PANEL_ROWS]| {
             let mut o = octs.start;
             while o + STEP_OCTS <= octs.end {
                 // SAFETY: octs `o..o + 4` lie in the group (see the module docs).
@@ -169,7 +187,67 @@ mod helium {
             }
             // SAFETY: the remaining octs of the group, as above.
             unsafe { dsp_octs(block.add((o - octs.start) * PANEL_BLOCK_BYTES), codes, o..octs.end, isum) };
-        })
+        };
+        drive(w, panels, x, out, stride, octs, combine)
+    }
+
+    /// FPSCR's cumulative exception flags (IOC, DZC, OFC, UFC, IXC, IDC).
+    const FPSCR_CUMULATIVE: u32 = 0x9F;
+    /// FPSCR's underflow and input-denormal flags: set whenever a subnormal was flushed.
+    const FPSCR_FLUSHED: u32 = (1 << 3) | (1 << 7);
+
+    /// [`super::combine_rows`] four rows per vector: the f16 scales widened and converted by
+    /// `VCVTB.F32.F16`, then the reference's multiply, multiply and add, each rounded to f32
+    /// (lanes are rows, which never mix). MVE arithmetic may flush subnormals to zero where
+    /// the scalar FPU keeps them, so the FPSCR flags that a flush raises are cleared first
+    /// and checked after; if any is set, the group is redone by the reference code.
+    #[inline(always)]
+    fn combine(acc: &mut [f32; PANEL_ROWS], isum: &[i32; PANEL_ROWS], scales: &[u8], xs: f32, correction: i32) {
+        assert!(scales.len() == 2 * PANEL_ROWS);
+        let before = *acc;
+        let flags: u32;
+        // SAFETY: reads 32 bytes of `scales` (2-byte aligned: checked by the caller) and the
+        // 16 words of `isum`, reads and writes the 16 words of `acc`; q0-q2 are declared, and
+        // only FPSCR's cumulative flags change.
+        unsafe {
+            asm!(
+                // The build disables `neon`, which LLVM ties to `mve.fp`; the M55 and M85
+                // with floating point (the configuration this feature targets) have it.
+                ".arch_extension mve.fp",
+                "vmrs {flags}, fpscr",
+                "bic {flags}, {flags}, #{cumulative}",
+                "vmsr fpscr, {flags}",
+                "2:",
+                // The widening load takes a low base register (r0-r7).
+                "vldrh.u32 q0, [r0], #8",
+                "vcvtb.f32.f16 q0, q0",
+                "vmul.f32 q0, q0, {xs}",
+                "vldrw.u32 q1, [{isum}], #16",
+                "vsub.i32 q1, q1, {correction}",
+                "vcvt.f32.s32 q1, q1",
+                "vmul.f32 q0, q0, q1",
+                "vldrw.u32 q2, [{acc}]",
+                "vadd.f32 q2, q2, q0",
+                "vstrw.32 q2, [{acc}], #16",
+                "subs {n}, #1",
+                "bne 2b",
+                "vmrs {flags}, fpscr",
+                cumulative = const FPSCR_CUMULATIVE,
+                flags = out(reg) flags,
+                inout("r0") scales.as_ptr() => _,
+                isum = inout(reg) isum.as_ptr() => _,
+                acc = inout(reg) acc.as_mut_ptr() => _,
+                xs = in(reg) xs.to_bits(),
+                correction = in(reg) correction,
+                n = inout(reg) PANEL_ROWS / 4 => _,
+                out("d0") _, out("d1") _, out("d2") _, out("d3") _, out("d4") _, out("d5") _,
+                options(nostack),
+            );
+        }
+        if flags & FPSCR_FLUSHED != 0 {
+            *acc = before;
+            combine_rows(acc, isum, scales, xs, correction);
+        }
     }
 
     /// Adds `Σ u · x` over 4 octs to each of the 16 rows of `isum`.
