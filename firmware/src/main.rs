@@ -127,9 +127,11 @@ fn generate(model: &Model<'_>, prompt: &[u32], kernels: Kernels, counter: &Count
     let mut token = sampler.sample(logits);
     let prefill_instructions = counter.instructions(counter.ticks() - start);
     let mut decode_ticks = 0;
-    loop {
+    // Stops as the desktop runtime's `Session::generate` does: an end-of-generation token is
+    // not part of the reply.
+    while !model.tokenizer.is_end_of_generation(token) {
         tokens.push(token);
-        if tokens.len() == NEW_TOKENS || model.tokenizer.is_end_of_generation(token) || session.position() == session.capacity() {
+        if tokens.len() == NEW_TOKENS || session.position() == session.capacity() {
             break;
         }
         let start = counter.ticks();

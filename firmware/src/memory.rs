@@ -13,7 +13,7 @@ use embedded_alloc::LlffHeap;
 
 /// Bytes of the heap arena: the session's KV cache, scratch and the tokenizer's tables
 /// (measured: see README.md). Everything is allocated before decoding starts.
-pub const HEAP_BYTES: usize = 236 * 1024;
+pub const HEAP_BYTES: usize = 224 * 1024;
 
 #[link_section = ".uninit.heap"]
 static mut HEAP_MEMORY: [MaybeUninit<u8>; HEAP_BYTES] = [MaybeUninit::uninit(); HEAP_BYTES];

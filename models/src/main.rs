@@ -37,6 +37,10 @@ enum Command {
         /// Use the prompt as raw text instead of wrapping it in the chat template.
         #[arg(long)]
         raw: bool,
+        /// Also print the prompt's and the reply's token ids (to stderr), e.g. to compare
+        /// with the firmware's output.
+        #[arg(long)]
+        token_ids: bool,
         /// The prompt.
         prompt: String,
     },
@@ -170,7 +174,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pull { name } => pull(&name),
-        Command::Run { generation, raw, prompt } => run(&generation, raw, &prompt),
+        Command::Run { generation, raw, token_ids, prompt } => run(&generation, raw, token_ids, &prompt),
         Command::Chat { generation } => chat(&generation),
         Command::Inspect { file, full } => inspect(&file, full),
         Command::Eval { command } => eval::run(command),
@@ -210,6 +214,8 @@ fn open(spec: &str) -> Result<(PathBuf, MappedFile)> {
 struct ReplyStats {
     prompt_tokens: usize,
     generated: usize,
+    /// The reply's token ids.
+    tokens: Vec<u32>,
     time_to_first_token: Duration,
     decode: Duration,
 }
@@ -241,11 +247,11 @@ fn reply(
     let mut stdout = std::io::stdout().lock();
     let start = Instant::now();
     let mut first_token_at = None;
-    let mut generated = 0;
+    let mut reply_tokens = Vec::with_capacity(max_tokens);
     let mut write_error = None;
     let stop = session.generate(tokens, sampler, max_tokens, |token| {
         first_token_at.get_or_insert_with(Instant::now);
-        generated += 1;
+        reply_tokens.push(token);
         let text = decoder.push(tokenizer, token);
         if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()) {
             write_error = Some(e);
@@ -263,10 +269,16 @@ fn reply(
         eprintln!("(stopped: the context of {} tokens is full)", session.capacity());
     }
     let first = first_token_at.unwrap_or(end);
-    Ok(ReplyStats { prompt_tokens: tokens.len(), generated, time_to_first_token: first - start, decode: end - first })
+    Ok(ReplyStats {
+        prompt_tokens: tokens.len(),
+        generated: reply_tokens.len(),
+        tokens: reply_tokens,
+        time_to_first_token: first - start,
+        decode: end - first,
+    })
 }
 
-fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
+fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Result<()> {
     let (path, file) = open(&args.model)?;
     let model_error = || format!("cannot load the model {}", path.display());
     let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
@@ -288,7 +300,13 @@ fn run(args: &GenerationArgs, raw: bool, prompt: &str) -> Result<()> {
     }
     let mut sampler = args.sampler(model.config.vocab_size);
     let predicted = session.predicts_prefill(&tokens);
-    reply(&mut session, &mut sampler, &tokens, args.max_tokens)?.print();
+    let stats = reply(&mut session, &mut sampler, &tokens, args.max_tokens)?;
+    stats.print();
+    if token_ids {
+        let line = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+        eprintln!("[prompt ids: {}]", line(&tokens));
+        eprintln!("[generated ids: {}]", line(&stats.tokens));
+    }
     print_prefill_mode(&model, predicted);
     print_routing(&session);
     Ok(())
