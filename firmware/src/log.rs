@@ -15,4 +15,3 @@ macro_rules! say {
 
 #[cfg(not(any(feature = "defmt-log", feature = "semihosting-log")))]
 compile_error!("enable a log backend: `defmt-log` (default) or `semihosting-log`");
-

@@ -11,7 +11,6 @@
 
 extern crate alloc;
 
-
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -76,14 +75,27 @@ struct Generation {
 }
 
 fn run(counter: &Counter) -> Result<(), String> {
-    say!("petrel-firmware: model {} bytes in flash at {}", MODEL_BYTES, format!("{:#010x}", MODEL.0.as_ptr() as usize).as_str());
-    say!("calibration: {} instructions per 1000 SysTick ticks ({} ticks)", counter.milli_instructions_per_tick(), counter.calibration_ticks());
+    say!(
+        "petrel-firmware: model {} bytes in flash at {}",
+        MODEL_BYTES,
+        format!("{:#010x}", MODEL.0.as_ptr() as usize).as_str()
+    );
+    say!(
+        "calibration: {} instructions per 1000 SysTick ticks ({} ticks)",
+        counter.milli_instructions_per_tick(),
+        counter.calibration_ticks()
+    );
     let heap_before = memory::HEAP.in_use();
     let file = GgufFile::parse(&MODEL.0).map_err(|e| format!("the model in flash is not a valid GGUF file: {e}"))?;
     let model = Model::load(&file).map_err(|e| format!("the model cannot be loaded: {e}"))?;
     let prompt = model.tokenizer.encode(PROMPT, false);
-    say!("model: {} blocks, d = {}, vocab {}; loaded with {} heap bytes", model.config.layers, model.config.dim,
-        model.config.vocab_size, memory::HEAP.in_use() - heap_before);
+    say!(
+        "model: {} blocks, d = {}, vocab {}; loaded with {} heap bytes",
+        model.config.layers,
+        model.config.dim,
+        model.config.vocab_size,
+        memory::HEAP.in_use() - heap_before
+    );
     say!("prompt: {} ({} tokens)", PROMPT, prompt.len());
     say!("prompt ids: {}", ids(&prompt).as_str());
 
@@ -95,9 +107,14 @@ fn run(counter: &Counter) -> Result<(), String> {
         };
         let generation = generate(&model, &prompt, kernels, counter)?;
         let decoded = generation.tokens.len().saturating_sub(1).max(1) as u64;
-        say!("kernels {}: prefill {} instructions ({} tokens), decode {} instructions per token ({} tokens)",
-            isa.name(), generation.prefill_instructions, prompt.len(), generation.decode_instructions / decoded,
-            generation.tokens.len());
+        say!(
+            "kernels {}: prefill {} instructions ({} tokens), decode {} instructions per token ({} tokens)",
+            isa.name(),
+            generation.prefill_instructions,
+            prompt.len(),
+            generation.decode_instructions / decoded,
+            generation.tokens.len()
+        );
         match &reference {
             None => {
                 say!("generated ids: {}", ids(&generation.tokens).as_str());
@@ -106,21 +123,38 @@ fn run(counter: &Counter) -> Result<(), String> {
             }
             Some(first) if *first == generation.tokens => say!("kernels {}: same tokens as the reference", isa.name()),
             Some(_) => {
-                return Err(format!("kernels {} generated {} instead of the reference's tokens", isa.name(),
-                    ids(&generation.tokens)));
+                return Err(format!(
+                    "kernels {} generated {} instead of the reference's tokens",
+                    isa.name(),
+                    ids(&generation.tokens)
+                ));
             }
         }
     }
-    say!("memory: heap peak {} of {} bytes, stack high-water {} of {} bytes", memory::HEAP.peak(),
-        memory::HEAP_BYTES, memory::stack_high_water(), memory::stack_room());
+    say!(
+        "memory: heap peak {} of {} bytes, stack high-water {} of {} bytes",
+        memory::HEAP.peak(),
+        memory::HEAP_BYTES,
+        memory::stack_high_water(),
+        memory::stack_room()
+    );
     Ok(())
 }
 
 /// Greedy generation of up to [`NEW_TOKENS`] from a fresh session with `kernels`.
 fn generate(model: &Model<'_>, prompt: &[u32], kernels: Kernels, counter: &Counter) -> Result<Generation, String> {
-    let options = SessionOptions { capacity: CAPACITY, max_batch: MAX_BATCH, threads: 1, kernels: Some(kernels), ..SessionOptions::default() };
+    let options = SessionOptions {
+        capacity: CAPACITY,
+        max_batch: MAX_BATCH,
+        threads: 1,
+        kernels: Some(kernels),
+        ..SessionOptions::default()
+    };
     let mut session = Session::new(model, options).map_err(|e| format!("no session: {e}"))?;
-    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.0, repetition_penalty: 1.0, ..SamplerConfig::default() }, model.config.vocab_size);
+    let mut sampler = Sampler::new(
+        SamplerConfig { temperature: 0.0, repetition_penalty: 1.0, ..SamplerConfig::default() },
+        model.config.vocab_size,
+    );
     let mut tokens = Vec::with_capacity(NEW_TOKENS);
     let start = counter.ticks();
     let logits = session.prefill(prompt).map_err(|e| format!("the prompt does not run: {e}"))?;

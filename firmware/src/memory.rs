@@ -26,7 +26,8 @@ pub struct CountingHeap {
 }
 
 #[global_allocator]
-pub static HEAP: CountingHeap = CountingHeap { heap: LlffHeap::empty(), in_use: AtomicUsize::new(0), peak: AtomicUsize::new(0) };
+pub static HEAP: CountingHeap =
+    CountingHeap { heap: LlffHeap::empty(), in_use: AtomicUsize::new(0), peak: AtomicUsize::new(0) };
 
 impl CountingHeap {
     /// Hands the arena to the heap; call once, first thing.

@@ -41,7 +41,11 @@ impl Rng {
     /// A value in [-4, 4) with an occasional outlier.
     fn value(&mut self) -> f32 {
         let v = (self.next() % 8192) as f32 / 1024.0 - 4.0;
-        if self.below(23) == 0 { v * 25.0 } else { v }
+        if self.below(23) == 0 {
+            v * 25.0
+        } else {
+            v
+        }
     }
 }
 
@@ -90,17 +94,32 @@ impl Tokens {
     /// Tokens of `cols` random values times `magnitude`.
     fn random(tokens: usize, cols: usize, group: GroupSize, bits: ActBits, magnitude: f32, rng: &mut Rng) -> Self {
         let (pc, groups) = (pad_cols(cols), group.groups(cols));
-        let (mut codes, mut scales, mut sums) = (vec![0i8; tokens * pc], vec![0f32; tokens * groups], vec![0i32; tokens * groups]);
+        let (mut codes, mut scales, mut sums) =
+            (vec![0i8; tokens * pc], vec![0f32; tokens * groups], vec![0i32; tokens * groups]);
         for t in 0..tokens {
             let x: Vec<f32> = (0..cols).map(|_| rng.value() * magnitude).collect();
-            quantize_token(&x, bits, 0.9, group, &mut codes[t * pc..(t + 1) * pc], &mut sums[t * groups..(t + 1) * groups],
-                &mut scales[t * groups..(t + 1) * groups]);
+            quantize_token(
+                &x,
+                bits,
+                0.9,
+                group,
+                &mut codes[t * pc..(t + 1) * pc],
+                &mut sums[t * groups..(t + 1) * groups],
+                &mut scales[t * groups..(t + 1) * groups],
+            );
         }
         Tokens { tokens, cols, group, codes, scales, sums }
     }
 
     fn batch(&self) -> TokenBatch<'_> {
-        TokenBatch { tokens: self.tokens, cols: self.cols, group: self.group, codes: &self.codes, scales: &self.scales, sums: &self.sums }
+        TokenBatch {
+            tokens: self.tokens,
+            cols: self.cols,
+            group: self.group,
+            codes: &self.codes,
+            scales: &self.scales,
+            sums: &self.sums,
+        }
     }
 }
 
@@ -110,8 +129,14 @@ fn q8_rows(rows: usize, blocks: usize, rng: &mut Rng) -> (Vec<i8>, Vec<f32>, Vec
     let (mut qs, mut scales, mut sums) = (vec![0i8; rows * n], vec![0f32; rows * blocks], vec![0i32; rows * blocks]);
     for r in 0..rows {
         let x: Vec<f32> = (0..n).map(|_| rng.value()).collect();
-        quantize_row_q8(&x, Q8RowMut { qs: &mut qs[r * n..(r + 1) * n], scales: &mut scales[r * blocks..(r + 1) * blocks],
-            sums: &mut sums[r * blocks..(r + 1) * blocks] });
+        quantize_row_q8(
+            &x,
+            Q8RowMut {
+                qs: &mut qs[r * n..(r + 1) * n],
+                scales: &mut scales[r * blocks..(r + 1) * blocks],
+                sums: &mut sums[r * blocks..(r + 1) * blocks],
+            },
+        );
     }
     (qs, scales, sums)
 }
@@ -178,8 +203,15 @@ fn main() -> ! {
             reference.gemm_int(&matrix.view(), range.clone(), &x.batch(), &mut want, rows);
             kernels.gemm_int(&matrix.view(), range, &x.batch(), &mut got, rows);
             if !same_bits(&want, &got) {
-                say!("w4 {} case {}: {}x{} group {} tokens {} differs from the reference", isa.name(), case, rows, cols,
-                    group.as_len(), tokens);
+                say!(
+                    "w4 {} case {}: {}x{} group {} tokens {} differs from the reference",
+                    isa.name(),
+                    case,
+                    rows,
+                    cols,
+                    group.as_len(),
+                    tokens
+                );
                 fail("W4 kernel mismatch");
             }
         }
