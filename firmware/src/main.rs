@@ -138,6 +138,11 @@ fn run(counter: &Counter) -> Result<(), String> {
         memory::stack_high_water(),
         memory::stack_room()
     );
+    if memory::stack_high_water() + 64 >= memory::stack_room() {
+        return Err(String::from(
+            "the stack reached the static data: it may have overflowed (shrink memory::HEAP_BYTES)",
+        ));
+    }
     Ok(())
 }
 
