@@ -11,8 +11,14 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let target = env::var("TARGET").expect("cargo sets TARGET");
     // A `memory.x` next to Cargo.toml would shadow this one: the scripts are named per machine.
-    let memory = if target.starts_with("thumbv8m.main") { "memory-an547.x" } else { "memory-an386.x" };
-    fs::copy(memory, out.join("memory.x")).expect("copy the linker script");
+    // PETREL_MEMORY_X names another (a board's, see boards/).
+    let memory = match env::var("PETREL_MEMORY_X") {
+        Ok(path) => path,
+        Err(_) if target.starts_with("thumbv8m.main") => "memory-an547.x".to_string(),
+        Err(_) => "memory-an386.x".to_string(),
+    };
+    println!("cargo:rerun-if-env-changed=PETREL_MEMORY_X");
+    fs::copy(&memory, out.join("memory.x")).unwrap_or_else(|e| panic!("copy the linker script {memory}: {e}"));
     println!("cargo:rustc-link-search={}", out.display());
     println!("cargo:rerun-if-changed={memory}");
     if env::var_os("CARGO_FEATURE_DEFMT_LOG").is_some() && env::var_os("CARGO_FEATURE_SEMIHOSTING_LOG").is_none() {
