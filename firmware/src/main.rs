@@ -146,7 +146,8 @@ fn run(counter: &Counter) -> Result<(), String> {
     Ok(())
 }
 
-/// Greedy generation of up to [`NEW_TOKENS`] from a fresh session with `kernels`.
+/// Greedy generation of up to [`NEW_TOKENS`] from a fresh session with `kernels`. Fails if
+/// the decode loop allocated.
 fn generate(model: &Model<'_>, prompt: &[u32], kernels: Kernels, counter: &Counter) -> Result<Generation, String> {
     let options = SessionOptions {
         capacity: CAPACITY,
@@ -166,6 +167,7 @@ fn generate(model: &Model<'_>, prompt: &[u32], kernels: Kernels, counter: &Count
     let mut token = sampler.sample(logits);
     let prefill_instructions = counter.instructions(counter.ticks() - start);
     let mut decode_ticks = 0;
+    let allocations = memory::HEAP.allocations();
     // Stops as the desktop runtime's `Session::generate` does: an end-of-generation token is
     // not part of the reply.
     while !model.tokenizer.is_end_of_generation(token) {
@@ -177,6 +179,9 @@ fn generate(model: &Model<'_>, prompt: &[u32], kernels: Kernels, counter: &Count
         let logits = session.step(token).map_err(|e| format!("decoding failed: {e}"))?;
         token = sampler.sample(logits);
         decode_ticks += counter.ticks() - start;
+    }
+    if memory::HEAP.allocations() != allocations {
+        return Err(format!("the decode loop allocated {} times", memory::HEAP.allocations() - allocations));
     }
     Ok(Generation { tokens, prefill_instructions, decode_instructions: counter.instructions(decode_ticks) })
 }

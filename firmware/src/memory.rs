@@ -23,11 +23,16 @@ pub struct CountingHeap {
     heap: LlffHeap,
     in_use: AtomicUsize,
     peak: AtomicUsize,
+    allocations: AtomicUsize,
 }
 
 #[global_allocator]
-pub static HEAP: CountingHeap =
-    CountingHeap { heap: LlffHeap::empty(), in_use: AtomicUsize::new(0), peak: AtomicUsize::new(0) };
+pub static HEAP: CountingHeap = CountingHeap {
+    heap: LlffHeap::empty(),
+    in_use: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+    allocations: AtomicUsize::new(0),
+};
 
 impl CountingHeap {
     /// Hands the arena to the heap; call once, first thing.
@@ -42,6 +47,11 @@ impl CountingHeap {
         self.peak.load(Ordering::Relaxed)
     }
 
+    /// Allocations made so far (successful or not).
+    pub fn allocations(&self) -> usize {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
     /// Bytes allocated now.
     pub fn in_use(&self) -> usize {
         self.in_use.load(Ordering::Relaxed)
@@ -51,6 +61,7 @@ impl CountingHeap {
 // SAFETY: forwards to `LlffHeap`, a correct allocator, and only adds counters.
 unsafe impl GlobalAlloc for CountingHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
         // SAFETY: forwarded contract.
         let p = unsafe { self.heap.alloc(layout) };
         if !p.is_null() {
