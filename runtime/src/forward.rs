@@ -17,9 +17,8 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
-use petrel_quant::w4::kernels::W4Kernels;
-use petrel_quant::{FloatKernels, Kernels};
 
+use crate::backend::Backend;
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::ActivationBatch;
@@ -119,20 +118,21 @@ pub enum Logits<'o> {
     All(&'o mut [f32]),
 }
 
-/// What the forward pass computes with: kernels and threads.
-#[derive(Debug)]
+/// What the forward pass computes with: a backend and threads.
 pub struct Compute<'t> {
-    /// Integer dot-product kernels for block-quantized weights.
-    pub kernels: Kernels,
-    /// Matrix kernels for W4 weights.
-    pub w4: W4Kernels,
-    /// f32 kernels for attention.
-    pub float: FloatKernels,
-    /// The threads that run the pass.
+    /// The arithmetic ([`crate::backend`]).
+    pub backend: &'t dyn Backend,
+    /// The threads that run the pass (a single member unless the backend takes more).
     pub team: &'t Team,
     /// Receives the input of every linear layer (calibration, statistics); `None` in
     /// normal use.
     pub tap: Option<&'t dyn ActivationTap>,
+}
+
+impl core::fmt::Debug for Compute<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Compute").field("backend", &self.backend.name()).field("team", &self.team).finish()
+    }
 }
 
 impl core::fmt::Debug for dyn ActivationTap + '_ {
@@ -293,7 +293,7 @@ fn forward_batch(
         for t in 0..n {
             s.scores[t] = router.score(&s.x[t * dim..(t + 1) * dim]);
         }
-        let chosen = choose_tokens(mod_config, router, s, n, position, routing, c.norm_eps);
+        let chosen = choose_tokens(mod_config, router, s, n, position, routing, c.norm_eps, compute.backend);
         if chosen == 0 {
             continue;
         }
@@ -336,6 +336,7 @@ fn choose_tokens(
     position: usize,
     routing: PrefillRouting,
     norm_eps: f32,
+    backend: &dyn Backend,
 ) -> usize {
     let dim = s.x.len() / s.max_batch;
     // Attention-sink tokens (the first `sink_tokens` positions) always go through.
@@ -343,7 +344,8 @@ fn choose_tokens(
     match (routing, n) {
         (PrefillRouting::TopK, _) if n > 1 => {
             let k = routing::routed_count(mod_config.capacity, n).max(sinks);
-            let rest = routing::select_top_k(&s.scores[sinks..n], k - sinks, &mut s.order[sinks..]).len();
+            let rest = k - sinks;
+            backend.top_k(&s.scores[sinks..n], rest, &mut s.order[sinks..]);
             for (i, slot) in s.order[..sinks].iter_mut().enumerate() {
                 *slot = i as u32;
             }
@@ -390,21 +392,20 @@ fn run_block(
     }
 
     // Attention.
-    ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
+    let backend = compute.backend;
+    backend.rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.attn_norm, c.norm_eps);
     clip_input(layer, 0, &mut s.xb[..n * dim]);
     s.act.load(&s.xb, n, dim);
     tap(compute, member, l, TapSite::AttentionInput, &s.xb[..n * dim], n, dim);
-    layer.wq.matmul(compute, &mut s.act, &mut s.q, member, Gather::All);
-    layer.wk.matmul(compute, &mut s.act, &mut s.k, member, Gather::All);
-    layer.wv.matmul(compute, &mut s.act, &mut s.v, member, Gather::All);
+    backend.matmul(&layer.wq, &mut s.act, &mut s.q, member, Gather::All);
+    backend.matmul(&layer.wk, &mut s.act, &mut s.k, member, Gather::All);
+    backend.matmul(&layer.wv, &mut s.act, &mut s.v, member, Gather::All);
     if let (true, Some(tap)) = (observed, compute.tap) {
         tap.observe_kv(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], &s.positions[..n], kv_dim);
     }
-    for t in 0..n {
-        let table = &s.rope[t * c.rope_dim..(t + 1) * c.rope_dim];
-        ops::apply_rope(&mut s.q[t * dim..(t + 1) * dim], c.head_dim, table);
-        ops::apply_rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], c.head_dim, table);
-    }
+    let tables = &s.rope[..n * c.rope_dim];
+    backend.rope(&mut s.q[..n * dim], tables, c.rope_dim, c.head_dim);
+    backend.rope(&mut s.k[..n * kv_dim], tables, c.rope_dim, c.head_dim);
     if member.is_leader() {
         let positions = s.positions[..n].iter().map(|&p| p as usize);
         cache.write().append(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], positions);
@@ -418,26 +419,26 @@ fn run_block(
         let shape = ops::AttentionShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let mine = member.share(n * c.heads);
         let out = &mut s.att[mine.start * c.head_dim..mine.end * c.head_dim];
-        ops::attend_batch(&compute.float, out, &s.q[..n * dim], keys, values, shape, first_row, mine);
+        backend.attend(out, &s.q[..n * dim], keys, values, shape, first_row, mine);
     }
     member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
     clip_input(layer, 1, &mut s.att[..n * dim]);
     s.act.load(&s.att, n, dim);
     tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * dim], n, dim);
-    layer.wo.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
-    ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+    backend.matmul(&layer.wo, &mut s.act, &mut s.xb, member, Gather::All);
+    backend.add(&mut s.x[..n * dim], &s.xb[..n * dim]);
 
     // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
-    ops::rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
+    backend.rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
     clip_input(layer, 2, &mut s.xb[..n * dim]);
     s.act.load(&s.xb, n, dim);
     tap(compute, member, l, TapSite::MlpInput, &s.xb[..n * dim], n, dim);
-    layer.w_gate.matmul(compute, &mut s.act, &mut s.gate, member, Gather::None);
-    layer.w_up.matmul(compute, &mut s.act, &mut s.up, member, Gather::None);
+    backend.matmul(&layer.w_gate, &mut s.act, &mut s.gate, member, Gather::None);
+    backend.matmul(&layer.w_up, &mut s.act, &mut s.up, member, Gather::None);
     let mine = layer.w_gate.my_rows(member);
     for t in 0..n {
         let rows = t * ffn + mine.start..t * ffn + mine.end;
-        ops::swiglu(&compute.float, &mut s.gate[rows.clone()], &s.up[rows]);
+        backend.swiglu(&mut s.gate[rows.clone()], &s.up[rows]);
     }
     layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
     if let Some(hadamard) = &model.down_hadamard {
@@ -455,8 +456,8 @@ fn run_block(
     clip_input(layer, 3, &mut s.gate[..n * ffn]);
     s.act.load(&s.gate, n, ffn);
     tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);
-    layer.w_down.matmul(compute, &mut s.act, &mut s.xb, member, Gather::All);
-    ops::add_assign(&mut s.x[..n * dim], &s.xb[..n * dim]);
+    backend.matmul(&layer.w_down, &mut s.act, &mut s.xb, member, Gather::All);
+    backend.add(&mut s.x[..n * dim], &s.xb[..n * dim]);
 
     if let (true, Some(tap)) = (observed, compute.tap) {
         tap.observe_block(l, &s.block_input[..n * dim], &s.x[..n * dim], n, dim);
@@ -485,7 +486,8 @@ fn tap(compute: &Compute<'_>, member: &Member<'_>, layer: usize, site: TapSite, 
 /// `s.logits`.
 fn output_head(model: &Model<'_>, s: &mut RunState, compute: &Compute<'_>, member: &Member<'_>, t: usize) {
     let dim = model.config.dim;
-    ops::rms_norm(&mut s.xb[..dim], &s.x[t * dim..(t + 1) * dim], &model.output_norm, model.config.norm_eps);
+    let backend = compute.backend;
+    backend.rms_norm_rows(&mut s.xb[..dim], &s.x[t * dim..(t + 1) * dim], &model.output_norm, model.config.norm_eps);
     s.act.load(&s.xb, 1, dim);
-    model.output.matmul(compute, &mut s.act, &mut s.logits, member, Gather::Leader);
+    backend.matmul(&model.output, &mut s.act, &mut s.logits, member, Gather::Leader);
 }

@@ -245,9 +245,9 @@ pub fn predict_rows_member(
             for l in (0..c.layers).filter(|&l| predictor.layer_map[l] == a) {
                 let (key_map, value_map) = (&predictor.keys[l], &predictor.values[l]);
                 s.act.load(&s.att, b, kv);
-                key_map.weight.matmul(compute, &mut s.act, &mut s.k, member, Gather::Leader);
+                compute.backend.matmul(&key_map.weight, &mut s.act, &mut s.k, member, Gather::Leader);
                 s.act.load(&s.xb, b, kv);
-                value_map.weight.matmul(compute, &mut s.act, &mut s.v, member, Gather::Leader);
+                compute.backend.matmul(&value_map.weight, &mut s.act, &mut s.v, member, Gather::Leader);
                 if member.is_leader() {
                     for t in 0..b {
                         let (k, v) = (&mut s.k[t * kv..(t + 1) * kv], &mut s.v[t * kv..(t + 1) * kv]);

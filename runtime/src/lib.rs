@@ -8,6 +8,8 @@
 //! - [`config`] and [`model`]: hyper-parameters from the metadata, and the Llama-family
 //!   weights borrowed from the file;
 //! - [`linear`]: matrix products on the stored quantized blocks;
+//! - [`backend`]: the seam between the model code and the arithmetic — Petrel's own
+//!   kernels (native), or candle and tract behind features;
 //! - [`forward`] with [`ops`], [`kv_cache`] and [`parallel`]: the forward pass, its per-token
 //!   operations, the KV cache and the thread team;
 //! - [`routing`]: mixture-of-depths routers, top-k and causal routing decisions;
@@ -23,6 +25,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod backend;
 pub mod config;
 pub mod forward;
 pub mod gguf;

@@ -18,7 +18,7 @@ use petrel_quant::w4::activation::{quantize_token, ActBits, TokenBatch};
 use petrel_quant::w4::{pad_cols, GroupSize, W4Matrix, W4Shape, PANEL_ROWS};
 use petrel_quant::{blocks, quantize_row_q8, Q8Row, Q8RowMut, WeightFormat, BLOCK_LEN};
 
-use crate::forward::Compute;
+use crate::backend::native::NativeBackend;
 use crate::gguf::{GgufFile, TensorInfo, TensorType};
 use crate::model::ModelError;
 use crate::parallel::Member;
@@ -134,6 +134,38 @@ impl<'a> Linear<'a> {
         Ok(Linear { rows, cols, storage, data: tensor.data, w4: None })
     }
 
+    /// The identity of the stored matrix (the address of its bytes): equal for a tied
+    /// embedding and head, and for the shared blocks of a layer-pruned model. Backends key
+    /// their prepared weights by it.
+    pub fn key(&self) -> usize {
+        self.data.as_ptr() as usize
+    }
+
+    /// The storage's name in reports and errors (`Q4_1`, `F16`, `W4A4`, ...).
+    pub fn storage_name(&self) -> &'static str {
+        match self.storage {
+            WeightStorage::Quantized(WeightFormat::Q4_0) => "Q4_0",
+            WeightStorage::Quantized(WeightFormat::Q4_1) => "Q4_1",
+            WeightStorage::Quantized(WeightFormat::Q8_0) => "Q8_0",
+            WeightStorage::F32 => "F32",
+            WeightStorage::F16 => "F16",
+            WeightStorage::W4(Activations::Float) => "W4A16",
+            WeightStorage::W4(Activations::Quantized { bits: ActBits::A4, .. }) => "W4A4",
+            WeightStorage::W4(Activations::Quantized { bits: ActBits::A8, .. }) => "W4A8",
+        }
+    }
+
+    /// The stored bytes: blocks or little-endian floats row after row, or a W4 matrix's
+    /// packed panels (see [`Linear::w4`]).
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// The W4 matrix (codes and scales), for W4 storage.
+    pub fn w4(&self) -> Option<&W4Matrix<'a>> {
+        self.w4.as_ref()
+    }
+
     /// Bytes of the whole matrix (codes and scales).
     pub fn bytes(&self) -> usize {
         self.data.len() + self.w4.map_or(0, |w| w.scale_bytes().len())
@@ -201,11 +233,12 @@ impl<'a> Linear<'a> {
     }
 
     /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
-    /// by token (`out` is `x.tokens() × rows`). Each team member computes
-    /// [`Linear::my_rows`]; `to` says who receives the complete result.
-    pub fn matmul(
+    /// by token (`out` is `x.tokens() × rows`), on Petrel's own kernels (the native
+    /// backend's product). Each team member computes [`Linear::my_rows`]; `to` says who
+    /// receives the complete result.
+    pub fn matmul_native(
         &self,
-        compute: &Compute<'_>,
+        compute: &NativeBackend,
         x: &mut ActivationBatch,
         out: &mut [f32],
         member: &Member<'_>,
@@ -249,7 +282,7 @@ impl<'a> Linear<'a> {
     /// `out[t * rows + r] = W[r] · x[t]` for every token of the batch (block and float
     /// storages).
     #[inline]
-    fn row_times_batch(&self, compute: &Compute<'_>, r: usize, x: &ActivationBatch, out: &mut [f32]) {
+    fn row_times_batch(&self, compute: &NativeBackend, r: usize, x: &ActivationBatch, out: &mut [f32]) {
         let (row, rows, tokens) = (self.row(r), self.rows, x.tokens);
         match self.storage {
             WeightStorage::Quantized(format) => {
@@ -430,6 +463,42 @@ impl ActivationBatch {
         }
     }
 
+    /// The activations exactly as the native kernels multiply them with `w`, back in f32,
+    /// into `out` (`tokens × cols`, resized): for W4A4/W4A8 weights the per-token codes
+    /// times their group scales, for block weights the 8-bit block codes times their block
+    /// scales, otherwise the f32 rows. A backend that multiplies these with the exactly
+    /// dequantized weights differs from native only in the order of its float sums.
+    pub fn seen_by(&mut self, w: &Linear<'_>, out: &mut Vec<f32>) {
+        let (tokens, cols, padded) = (self.tokens, self.cols, pad_cols(self.cols));
+        out.clear();
+        out.reserve(tokens * cols);
+        match (w.storage, w.w4.as_ref()) {
+            (WeightStorage::W4(Activations::Quantized { bits, clip }), Some(m)) => {
+                let group = m.shape().group;
+                let len = group.elements(cols);
+                let groups = group.groups(cols);
+                let batch = self.w4_batch(bits, clip, group);
+                for t in 0..tokens {
+                    let codes = &batch.codes[t * padded..t * padded + cols];
+                    let scales = &batch.scales[t * groups..(t + 1) * groups];
+                    out.extend(codes.iter().enumerate().map(|(c, &q)| q as f32 * scales[c / len]));
+                }
+            }
+            (WeightStorage::Quantized(_), _) => {
+                self.ensure_q8();
+                for t in 0..tokens {
+                    let row = self.q8_row(t);
+                    out.extend(row.qs.iter().enumerate().map(|(c, &q)| q as f32 * row.scales[c / BLOCK_LEN]));
+                }
+            }
+            _ => {
+                for t in 0..tokens {
+                    out.extend_from_slice(self.f32_row(t));
+                }
+            }
+        }
+    }
+
     /// Every row in f32, `tokens × pad_cols(cols)` with zero padding.
     #[inline]
     pub fn f32_padded(&self) -> &[f32] {
@@ -455,20 +524,24 @@ mod tests {
     use petrel_quant::w4::W4Error;
     use petrel_quant::{FloatKernels, Kernels};
 
-    fn compute(team: &Team, scalar: bool) -> Compute<'_> {
-        let kernels = if scalar { Kernels::scalar() } else { Kernels::detect() };
-        let w4 = W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar);
-        Compute { kernels, w4, float: FloatKernels::detect(), team, tap: None }
+    fn compute(team: &Team, scalar: bool) -> (NativeBackend, &Team) {
+        (NativeBackend::with_kernels(if scalar { Kernels::scalar() } else { Kernels::detect() }), team)
     }
 
-    /// Runs `linear` on `x` with the compute's team and returns the leader's complete
-    /// result with the activation batch it used.
-    fn run(linear: &Linear<'_>, compute: &Compute<'_>, x: &[f32], tokens: usize) -> (Vec<f32>, ActivationBatch) {
-        compute.team.run(|member| {
+    /// Runs `linear` on `x` with the team and returns the leader's complete result with
+    /// the activation batch it used.
+    fn run(
+        linear: &Linear<'_>,
+        compute: &(NativeBackend, &Team),
+        x: &[f32],
+        tokens: usize,
+    ) -> (Vec<f32>, ActivationBatch) {
+        let (native, team) = compute;
+        team.run(|member| {
             let mut act = ActivationBatch::new(tokens, linear.cols);
             act.load(x, tokens, linear.cols);
             let mut out = vec![0f32; tokens * linear.rows];
-            linear.matmul(compute, &mut act, &mut out, member, Gather::All);
+            linear.matmul_native(native, &mut act, &mut out, member, Gather::All);
             (out, act)
         })
     }

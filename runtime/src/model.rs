@@ -37,6 +37,10 @@ pub enum ModelError {
     BadW4Tensor { tensor: String, reason: W4Error },
     /// A tensor whose values are impossible (non-finite, out of order).
     BadTensorValues { tensor: String, reason: &'static str },
+    /// A tensor stored in a way (`ty`) that a non-native backend cannot serve.
+    UnsupportedByBackend { backend: &'static str, tensor: String, ty: &'static str, reason: String },
+    /// A backend failed while preparing the model (a device error).
+    BackendFailed { backend: &'static str, reason: String },
 }
 
 impl fmt::Display for ModelError {
@@ -56,6 +60,10 @@ impl fmt::Display for ModelError {
                 write!(f, "tensor {tensor:?} has type {ty}, which the native backend cannot compute with")
             }
             ModelError::BadW4Tensor { tensor, reason } => write!(f, "W4 tensor {tensor:?} is malformed: {reason}"),
+            ModelError::UnsupportedByBackend { backend, tensor, ty, reason } => {
+                write!(f, "the {backend} backend cannot serve tensor {tensor:?} ({ty}): {reason}")
+            }
+            ModelError::BackendFailed { backend, reason } => write!(f, "the {backend} backend failed: {reason}"),
         }
     }
 }
@@ -161,6 +169,39 @@ pub struct Model<'a> {
 }
 
 impl<'a> Model<'a> {
+    /// Every weight matrix a forward pass multiplies with, with its tensor name: the
+    /// blocks' seven linears, the output head, and a KV predictor's auxiliary blocks and
+    /// maps. Backends prepare these when they are built.
+    pub fn linears(&self) -> Vec<(String, &Linear<'a>)> {
+        fn blocks<'m, 'a>(prefix: &str, layers: &'m [LayerWeights<'a>], all: &mut Vec<(String, &'m Linear<'a>)>) {
+            for (l, w) in layers.iter().enumerate() {
+                let named = [
+                    ("attn_q", &w.wq),
+                    ("attn_k", &w.wk),
+                    ("attn_v", &w.wv),
+                    ("attn_output", &w.wo),
+                    ("ffn_gate", &w.w_gate),
+                    ("ffn_up", &w.w_up),
+                    ("ffn_down", &w.w_down),
+                ];
+                for (name, linear) in named {
+                    all.push((alloc::format!("{prefix}{l}.{name}.weight"), linear));
+                }
+            }
+        }
+        let mut all = Vec::new();
+        blocks("blk.", &self.layers, &mut all);
+        all.push(("output.weight".to_string(), &self.output));
+        if let Some(p) = &self.kv_predictor {
+            blocks(&alloc::format!("{}blk.", crate::kv_predict::AUX_PREFIX), &p.aux.layers, &mut all);
+            for (l, (k, v)) in p.keys.iter().zip(&p.values).enumerate() {
+                all.push((alloc::format!("kvp.pred.{l}.k.weight"), &k.weight));
+                all.push((alloc::format!("kvp.pred.{l}.v.weight"), &v.weight));
+            }
+        }
+        all
+    }
+
     /// Builds the model from a parsed file, checking every tensor's presence, shape and type.
     pub fn load(file: &GgufFile<'a>) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(file)?;

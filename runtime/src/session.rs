@@ -2,9 +2,10 @@
 
 use alloc::vec::Vec;
 use core::fmt;
-use petrel_quant::w4::kernels::W4Kernels;
-use petrel_quant::{FloatKernels, Kernels};
+use petrel_quant::Kernels;
 
+use crate::backend::native::NativeBackend;
+use crate::backend::Backend;
 use crate::forward::{forward, forward_member, ActivationTap, Compute, Logits, RunState};
 use crate::kv_cache::KvCache;
 use crate::kv_predict::{predicted_prefill_member, KvPredictor};
@@ -114,9 +115,10 @@ pub struct Session<'m, 'a> {
     /// One scratch state per team member; member 0's holds the logits.
     states: Vec<spin::Mutex<RunState>>,
     team: Team,
-    kernels: Kernels,
-    w4: W4Kernels,
-    float: FloatKernels,
+    /// Petrel's own kernels, used unless the session was made with another backend.
+    native: NativeBackend,
+    /// The backend given to [`Session::with_backend`].
+    external: Option<&'m dyn Backend>,
     position: usize,
     prefill_routing: PrefillRouting,
     /// The auxiliary model's cache, when prefills use KV prediction.
@@ -128,13 +130,32 @@ impl<'m, 'a> Session<'m, 'a> {
     /// (with several threads, [`Session::prefill`] and [`Session::step`] start the team's
     /// threads per call; [`Session::generate`] starts them once per reply).
     pub fn new(model: &'m Model<'a>, options: SessionOptions) -> Result<Self, SessionError> {
+        Self::build(model, options, None)
+    }
+
+    /// As [`Session::new`], computing with `backend` instead of Petrel's own kernels
+    /// (`options.kernels` is then unused). The team has at most `backend.max_team()`
+    /// threads; a backend that threads internally runs with one.
+    pub fn with_backend(
+        model: &'m Model<'a>,
+        options: SessionOptions,
+        backend: &'m dyn Backend,
+    ) -> Result<Self, SessionError> {
+        Self::build(model, options, Some(backend))
+    }
+
+    fn build(
+        model: &'m Model<'a>,
+        options: SessionOptions,
+        external: Option<&'m dyn Backend>,
+    ) -> Result<Self, SessionError> {
         let context_length = model.config.context_length;
         let capacity = if options.capacity == 0 { context_length } else { options.capacity };
         if capacity > context_length {
             return Err(SessionError::CapacityTooLarge { requested: capacity, context_length });
         }
-        let team = Team::new(options.threads);
-        let kernels = options.kernels.unwrap_or_else(Kernels::detect);
+        let team = Team::new(options.threads.min(external.map_or(usize::MAX, |b| b.max_team())));
+        let native = NativeBackend::with_kernels(options.kernels.unwrap_or_else(Kernels::detect));
         let cache = KvCache::new(&model.config, capacity)
             .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity) })?;
         let aux_cache = match (options.kv_prediction, &model.kv_predictor) {
@@ -152,11 +173,8 @@ impl<'m, 'a> Session<'m, 'a> {
                 .map(|_| spin::Mutex::new(RunState::new(&model.config, options.max_batch)))
                 .collect(),
             team,
-            kernels,
-            // The W4 kernels follow the block kernels' instruction set, so that choosing
-            // the scalar reference chooses it everywhere.
-            w4: W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar),
-            float: FloatKernels::detect(),
+            native,
+            external,
             position: 0,
             prefill_routing: options.prefill_routing,
             aux_cache,
@@ -223,9 +241,14 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache.positions(layer)
     }
 
-    /// The kernels in use.
+    /// The native kernels (in use unless the session has another backend).
     pub fn kernels(&self) -> Kernels {
-        self.kernels
+        self.native.kernels
+    }
+
+    /// The backend that computes: `native` unless made by [`Session::with_backend`].
+    pub fn backend_name(&self) -> &'static str {
+        self.external.map_or("native", |b| b.name())
     }
 
     /// Threads in use.
@@ -281,7 +304,8 @@ impl<'m, 'a> Session<'m, 'a> {
         routing: PrefillRouting,
     ) -> Result<&mut [f32], SessionError> {
         self.check(tokens)?;
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap };
+        let backend: &dyn Backend = self.external.unwrap_or(&self.native);
+        let compute = Compute { backend, team: &self.team, tap };
         match (self.predictor_for(tokens), self.aux_cache.as_mut()) {
             (Some(predictor), Some(aux_cache)) => {
                 aux_cache.truncate(0);
@@ -326,7 +350,8 @@ impl<'m, 'a> Session<'m, 'a> {
         self.check(tokens)?;
         let vocab = self.model.config.vocab_size;
         assert!(out.len() >= tokens.len() * vocab, "logits buffer too small");
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
+        let backend: &dyn Backend = self.external.unwrap_or(&self.native);
+        let compute = Compute { backend, team: &self.team, tap: None };
         let logits = Logits::All(out);
         forward(
             self.model,
@@ -358,7 +383,8 @@ impl<'m, 'a> Session<'m, 'a> {
         }
         let (model, states, start, capacity) = (self.model, &self.states, self.position, self.cache.capacity());
         let (prompt_routing, decode) = (self.prefill_routing, PrefillRouting::Causal);
-        let compute = Compute { kernels: self.kernels, w4: self.w4, float: self.float, team: &self.team, tap: None };
+        let backend: &dyn Backend = self.external.unwrap_or(&self.native);
+        let compute = Compute { backend, team: &self.team, tap: None };
         let predicted = match (self.predictor_for(prompt), self.aux_cache.as_mut()) {
             (Some(predictor), Some(aux_cache)) => {
                 aux_cache.truncate(0);
