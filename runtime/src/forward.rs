@@ -328,6 +328,7 @@ fn forward_batch(
 /// Chooses the tokens of the batch in `s.x` (`n` tokens from `position` on) that go
 /// through a routed block: their indices, increasing, in `s.order[..count]`; returns the
 /// count. The router scores must already be in `s.scores`.
+#[allow(clippy::too_many_arguments)]
 fn choose_tokens(
     mod_config: &MixtureOfDepths,
     router: &Router,

@@ -520,9 +520,8 @@ mod tests {
     use crate::gguf_writer::{GgufWriter, MetadataValue};
     use crate::parallel::Team;
     use petrel_quant::blocks::quantize_row;
-    use petrel_quant::w4::kernels::W4Kernels;
     use petrel_quant::w4::W4Error;
-    use petrel_quant::{FloatKernels, Kernels};
+    use petrel_quant::Kernels;
 
     fn compute(team: &Team, scalar: bool) -> (NativeBackend, &Team) {
         (NativeBackend::with_kernels(if scalar { Kernels::scalar() } else { Kernels::detect() }), team)

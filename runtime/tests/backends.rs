@@ -42,7 +42,11 @@ enum Which {
 impl Which {
     fn build(self, model: &Model<'_>) -> Result<Box<dyn Backend>, ModelError> {
         match self {
-            Which::Native => Ok(Box::new(NativeBackend::detect())),
+            // Native prepares nothing: its kernels read the file's bytes in place.
+            Which::Native => {
+                let _ = model;
+                Ok(Box::new(NativeBackend::detect()))
+            }
             #[cfg(feature = "candle")]
             Which::CandleCpu => Ok(Box::new(petrel_runtime::backend::candle::CandleBackend::new(
                 model,
