@@ -14,6 +14,7 @@
 //! kernel throughput on SmolLM2's shapes against the machine's int8 peak, and end-to-end
 //! prefill and decode.
 
+mod backends_bench;
 mod kernels;
 mod kvp_bench;
 mod mod_bench;
@@ -61,6 +62,9 @@ enum BenchCommand {
     /// several prompt lengths, with llama.cpp's prefill as reference; writes
     /// bench/results/<name>.{json,md}.
     Kvp(kvp_bench::KvpArgs),
+    /// Each backend (native, candle) on the same model and threads: prefill and decode
+    /// tokens per second as ratios to native; writes bench/results/backends.{json,md}.
+    Backends(backends_bench::BackendsArgs),
 }
 
 /// The default benchmark: the same GGUF files through Petrel and llama.cpp.
@@ -120,6 +124,7 @@ fn main() -> Result<()> {
         Some(BenchCommand::W4a4(args)) => w4a4::run(&args),
         Some(BenchCommand::Mod(args)) => mod_bench::run(&args),
         Some(BenchCommand::Kvp(args)) => kvp_bench::run(&args),
+        Some(BenchCommand::Backends(args)) => backends_bench::run(&args),
         None => same_file_bench(&cli.args),
     }
 }

@@ -2,6 +2,7 @@
 //! `petrel` command-line tool and the benchmark.
 
 pub mod act_stats;
+pub mod backends;
 pub mod bpe_train;
 pub mod corpus;
 pub mod gguf_out;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use petrel_models::backends::{BackendChoice, PreparedBackend};
 use petrel_models::{registry, stats};
 use petrel_runtime::gguf::{GgufFile, Value};
 use petrel_runtime::mapped::MappedFile;
@@ -132,6 +133,9 @@ struct GenerationArgs {
     /// kvp-fit` or `petrel kvp-train`); only the first turn of a chat is predicted.
     #[arg(long)]
     kv_prediction: bool,
+    /// Which backend computes: Petrel's own kernels, or candle on its CPU device.
+    #[arg(long, value_enum, default_value = "native")]
+    backend: BackendChoice,
 }
 
 impl GenerationArgs {
@@ -294,7 +298,8 @@ fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Resul
         format_chat(&messages, true)
     };
     let tokens = model.tokenizer.encode(&text, !raw);
-    let mut session = Session::new(&model, args.session_options(&model))?;
+    let backend = PreparedBackend::build(args.backend, &model)?;
+    let mut session = Session::with_backend(&model, args.session_options(&model), backend.backend())?;
     if tokens.len() >= session.capacity() {
         bail!("the prompt has {} tokens but the context holds {} (raise --context)", tokens.len(), session.capacity());
     }
@@ -302,6 +307,9 @@ fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Resul
     let predicted = session.predicts_prefill(&tokens);
     let stats = reply(&mut session, &mut sampler, &tokens, args.max_tokens)?;
     stats.print();
+    if args.backend != BackendChoice::Native {
+        eprintln!("[backend: {}, {} thread]", session.backend_name(), session.threads());
+    }
     if token_ids {
         let line = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
         eprintln!("[prompt ids: {}]", line(&tokens));
@@ -351,7 +359,8 @@ fn chat(args: &GenerationArgs) -> Result<()> {
     let model_error = || format!("cannot load the model {}", path.display());
     let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
     let model = Model::load(&gguf).with_context(model_error)?;
-    let mut session = Session::new(&model, args.session_options(&model))?;
+    let backend = PreparedBackend::build(args.backend, &model)?;
+    let mut session = Session::with_backend(&model, args.session_options(&model), backend.backend())?;
     let mut sampler = args.sampler(model.config.vocab_size);
     eprintln!(
         "petrel chat — {} ({} tokens of context). Type a message; /reset clears the history, /quit or Ctrl-D ends.",

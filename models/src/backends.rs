@@ -1,0 +1,47 @@
+//! Choosing a backend on the command line (`--backend native|candle`) and building it for a
+//! loaded model.
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use petrel_runtime::backend::candle::{CandleBackend, Device};
+use petrel_runtime::backend::native::NativeBackend;
+use petrel_runtime::backend::Backend;
+use petrel_runtime::Model;
+
+/// The backends the command-line tools offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// Petrel's own integer kernels (the reference; multi-threaded by the session).
+    Native,
+    /// candle on its CPU device: every op as candle tensor ops, weights dequantized to
+    /// f32 when the model loads (W4A4 reproduced by native's quantized activations).
+    Candle,
+}
+
+/// A backend built for one model.
+pub enum PreparedBackend {
+    /// [`BackendChoice::Native`].
+    Native(NativeBackend),
+    /// [`BackendChoice::Candle`].
+    Candle(Box<CandleBackend>),
+}
+
+impl PreparedBackend {
+    /// Builds `choice` for `model`; fails with the backend's reason if it cannot serve it.
+    pub fn build(choice: BackendChoice, model: &Model<'_>) -> Result<Self> {
+        Ok(match choice {
+            BackendChoice::Native => PreparedBackend::Native(NativeBackend::detect()),
+            BackendChoice::Candle => PreparedBackend::Candle(Box::new(
+                CandleBackend::new(model, Device::Cpu).context("the candle backend cannot run this model")?,
+            )),
+        })
+    }
+
+    /// The backend, for `Session::with_backend`.
+    pub fn backend(&self) -> &dyn Backend {
+        match self {
+            PreparedBackend::Native(b) => b,
+            PreparedBackend::Candle(b) => b.as_ref(),
+        }
+    }
+}
