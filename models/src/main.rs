@@ -50,6 +50,9 @@ enum Command {
         #[command(flatten)]
         generation: GenerationArgs,
     },
+    /// Import a decoder-only Llama-family model exported to ONNX (torch.onnx.export) into
+    /// an f32 GGUF the runtime runs, with the tokenizer of another GGUF file.
+    Convert(petrel_models::onnx_import::ConvertArgs),
     /// Quantize a model to W4 (W4A4, W4A8, W4A16), optionally rotated (QuaRot) and with
     /// GPTQ, into a GGUF the runtime runs.
     Quantize(petrel_models::quantize::QuantizeArgs),
@@ -179,6 +182,9 @@ fn main() {
     let result = match cli.command {
         Command::Pull { name } => pull(&name),
         Command::Run { generation, raw, token_ids, prompt } => run(&generation, raw, token_ids, &prompt),
+        Command::Convert(args) => petrel_models::onnx_import::run(&args).map(|n| {
+            eprintln!("wrote {} ({n} tensors)", args.output.display());
+        }),
         Command::Chat { generation } => chat(&generation),
         Command::Inspect { file, full } => inspect(&file, full),
         Command::Eval { command } => eval::run(command),
