@@ -64,7 +64,7 @@ fn measure(model: &Model<'_>, backend: &PreparedBackend, args: &BackendsArgs, pr
 
 /// Runs the benchmark and writes the results.
 pub fn run(args: &BackendsArgs) -> Result<()> {
-    let choices = [BackendChoice::Native, BackendChoice::Candle];
+    let choices = [BackendChoice::Native, BackendChoice::Candle, BackendChoice::Tract];
     let (mut rows, mut table) = (Vec::new(), String::new());
     writeln!(table, "# Backends: prefill and decode speed, same model and threads ({} threads)\n", args.threads)?;
     writeln!(
@@ -81,9 +81,19 @@ pub fn run(args: &BackendsArgs) -> Result<()> {
         let text = "The quick brown fox jumps over the lazy dog. ".repeat(64);
         let mut prompt = model.tokenizer.encode(&text, false);
         prompt.truncate(args.prompt);
-        let backends: Vec<PreparedBackend> =
-            choices.iter().map(|&c| PreparedBackend::build(c, &model)).collect::<Result<_>>()?;
-        let mut best: Vec<Speed> = choices.iter().map(|_| Speed { prefill: 0.0, decode: 0.0 }).collect();
+        let mut backends = Vec::new();
+        for &choice in &choices {
+            match PreparedBackend::build(choice, &model, args.threads) {
+                Ok(b) => backends.push(b),
+                Err(e) => {
+                    eprintln!("{}: {choice:?} skipped: {e:#}", path.display());
+                    let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                    writeln!(table, "| {name} | {choice:?} | refused at load: {e:#} | | | |")?;
+                    rows.push(json!({"model": name, "backend": format!("{choice:?}"), "refused": format!("{e:#}")}));
+                }
+            }
+        }
+        let mut best: Vec<Speed> = backends.iter().map(|_| Speed { prefill: 0.0, decode: 0.0 }).collect();
         for _ in 0..args.rounds {
             for (b, backend) in backends.iter().enumerate() {
                 let s = measure(&model, backend, args, &prompt)?;

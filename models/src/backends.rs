@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use petrel_runtime::backend::candle::{CandleBackend, Device};
 use petrel_runtime::backend::native::NativeBackend;
+use petrel_runtime::backend::tract::TractBackend;
 use petrel_runtime::backend::Backend;
 use petrel_runtime::Model;
 
@@ -16,6 +17,9 @@ pub enum BackendChoice {
     /// candle on its CPU device: every op as candle tensor ops, weights dequantized to
     /// f32 when the model loads (W4A4 reproduced by native's quantized activations).
     Candle,
+    /// tract's matrix kernels (4-bit weights as Q4_0 blocks; Q4_1 files are refused),
+    /// the element-wise ops native.
+    Tract,
 }
 
 /// A backend built for one model.
@@ -24,15 +28,21 @@ pub enum PreparedBackend {
     Native(NativeBackend),
     /// [`BackendChoice::Candle`].
     Candle(Box<CandleBackend>),
+    /// [`BackendChoice::Tract`].
+    Tract(Box<TractBackend>),
 }
 
 impl PreparedBackend {
-    /// Builds `choice` for `model`; fails with the backend's reason if it cannot serve it.
-    pub fn build(choice: BackendChoice, model: &Model<'_>) -> Result<Self> {
+    /// Builds `choice` for `model` (tract's kernels on `threads` threads); fails with the
+    /// backend's reason if it cannot serve the model.
+    pub fn build(choice: BackendChoice, model: &Model<'_>, threads: usize) -> Result<Self> {
         Ok(match choice {
             BackendChoice::Native => PreparedBackend::Native(NativeBackend::detect()),
             BackendChoice::Candle => PreparedBackend::Candle(Box::new(
                 CandleBackend::new(model, Device::Cpu).context("the candle backend cannot run this model")?,
+            )),
+            BackendChoice::Tract => PreparedBackend::Tract(Box::new(
+                TractBackend::new(model, threads).context("the tract backend cannot run this model")?,
             )),
         })
     }
@@ -42,6 +52,7 @@ impl PreparedBackend {
         match self {
             PreparedBackend::Native(b) => b,
             PreparedBackend::Candle(b) => b.as_ref(),
+            PreparedBackend::Tract(b) => b.as_ref(),
         }
     }
 }

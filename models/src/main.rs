@@ -136,7 +136,8 @@ struct GenerationArgs {
     /// kvp-fit` or `petrel kvp-train`); only the first turn of a chat is predicted.
     #[arg(long)]
     kv_prediction: bool,
-    /// Which backend computes: Petrel's own kernels, or candle on its CPU device.
+    /// Which backend computes: Petrel's own kernels, candle on its CPU device, or tract's
+    /// matrix kernels.
     #[arg(long, value_enum, default_value = "native")]
     backend: BackendChoice,
 }
@@ -304,8 +305,9 @@ fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Resul
         format_chat(&messages, true)
     };
     let tokens = model.tokenizer.encode(&text, !raw);
-    let backend = PreparedBackend::build(args.backend, &model)?;
-    let mut session = Session::with_backend(&model, args.session_options(&model), backend.backend())?;
+    let options = args.session_options(&model);
+    let backend = PreparedBackend::build(args.backend, &model, options.threads)?;
+    let mut session = Session::with_backend(&model, options, backend.backend())?;
     if tokens.len() >= session.capacity() {
         bail!("the prompt has {} tokens but the context holds {} (raise --context)", tokens.len(), session.capacity());
     }
@@ -365,8 +367,9 @@ fn chat(args: &GenerationArgs) -> Result<()> {
     let model_error = || format!("cannot load the model {}", path.display());
     let gguf = GgufFile::parse(file.bytes()).with_context(model_error)?;
     let model = Model::load(&gguf).with_context(model_error)?;
-    let backend = PreparedBackend::build(args.backend, &model)?;
-    let mut session = Session::with_backend(&model, args.session_options(&model), backend.backend())?;
+    let options = args.session_options(&model);
+    let backend = PreparedBackend::build(args.backend, &model, options.threads)?;
+    let mut session = Session::with_backend(&model, options, backend.backend())?;
     let mut sampler = args.sampler(model.config.vocab_size);
     eprintln!(
         "petrel chat — {} ({} tokens of context). Type a message; /reset clears the history, /quit or Ctrl-D ends.",

@@ -13,6 +13,8 @@
 //! - `candle::CandleBackend` (feature `candle`): every operation as candle tensor ops on
 //!   a candle `Device` (its CPU device here; CUDA and Metal with the `cuda` / `metal`
 //!   features);
+//! - `tract::TractBackend` (feature `tract`): the matrix products through tract's
+//!   kernels (4-bit weights as tract's Q4_0 blocks), the rest native.
 //!
 //! A backend prepares its weights when it is built, and refuses there — with
 //! [`crate::ModelError::UnsupportedByBackend`] — any tensor type or operation it cannot
@@ -21,6 +23,8 @@
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod native;
+#[cfg(feature = "tract")]
+pub mod tract;
 
 use core::ops::Range;
 
