@@ -78,6 +78,15 @@ impl CandleBackend {
         Ok(CandleBackend { device, name, weights, seen: Mutex::new(Vec::new()) })
     }
 
+    /// The backend on candle's CUDA device `ordinal` (feature `cuda`). Type-checked in CI
+    /// (`ci/cuda-check.sh`); running it needs a machine with Rust and CUDA.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(model: &Model<'_>, ordinal: usize) -> Result<Self, ModelError> {
+        let device = Device::new_cuda(ordinal)
+            .map_err(|e| ModelError::BackendFailed { backend: "candle-cuda", reason: e.to_string() })?;
+        Self::new(model, device)
+    }
+
     /// The device the backend computes on.
     pub fn device(&self) -> &Device {
         &self.device
