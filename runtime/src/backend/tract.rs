@@ -17,8 +17,7 @@
 //! backend is one team member: tract threads inside its matrix kernels).
 
 use alloc::boxed::Box;
-use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::ToString;
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -106,6 +105,31 @@ fn w4_as_q4_0(linear: &Linear<'_>) -> Vec<u8> {
     out
 }
 
+/// A one-operation graph: `tokens × cols` f32 activations times the `rows × cols` matrix
+/// `weight`, optimized into tract's kernels.
+fn build_plan(weight: &Weight, rows: usize, cols: usize, tokens: usize) -> TractResult<Arc<TypedRunnableModel>> {
+    let mut model = TypedModel::default();
+    let x = model.add_source("x", f32::fact([tokens, cols]))?;
+    let (konst, axes) = match weight {
+        Weight::Q4_0(t) => {
+            let fact = Box::new(BlockQuantFact::new(Box::new(Q4_0), tvec!(1, rows, cols)));
+            (Const::new_with_exotic_fact(t.clone(), fact)?, "mk,Gnk->mn")
+        }
+        Weight::Dense(t) => (Const::new(t.clone())?, "mk,nk->mn"),
+    };
+    let w = model.wire_node("w", konst, &[])?[0];
+    let op = EinSum { axes: axes.parse()?, operating_dt: DatumType::F32, q_params: None };
+    let out = model.wire_node("matmul", op, &[x, w])?;
+    model.select_output_outlets(&out)?;
+    model.into_optimized()?.into_runnable()
+}
+
+/// Q4_0 blocks (`rows × cols / 32` of them) as tract's block-quant constant.
+fn q4_0_weight(bytes: &[u8], rows: usize, cols: usize) -> TractResult<Weight> {
+    let storage = BlockQuantStorage::new(Box::new(Q4_0), rows, cols, Arc::new(Blob::from_bytes(bytes)?))?;
+    Ok(Weight::Q4_0(Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, rows, cols]))))
+}
+
 impl TractBackend {
     /// Prepares every weight matrix of `model` (see [`Model::linears`]), refusing those
     /// tract cannot serve, and runs tract's matrix kernels on `threads` threads (a
@@ -120,11 +144,7 @@ impl TractBackend {
                 continue;
             }
             let (rows, cols) = (linear.rows, linear.cols);
-            let q4_0 = |bytes: &[u8]| -> Result<Weight, ModelError> {
-                let blob = Blob::from_bytes(bytes).map_err(failed)?;
-                let storage = BlockQuantStorage::new(Box::new(Q4_0), rows, cols, Arc::new(blob)).map_err(failed)?;
-                Ok(Weight::Q4_0(Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, rows, cols]))))
-            };
+            let q4_0 = |bytes: &[u8]| q4_0_weight(bytes, rows, cols).map_err(failed);
             let weight = match linear.storage {
                 WeightStorage::Quantized(WeightFormat::Q4_0) => q4_0(linear.data())?,
                 WeightStorage::Quantized(WeightFormat::Q4_1) => {
@@ -162,21 +182,7 @@ impl TractBackend {
         if let Some(plan) = self.plans.lock().get(&(key, tokens)) {
             return Ok(plan.clone());
         }
-        let (rows, cols) = (linear.rows, linear.cols);
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([tokens, cols]))?;
-        let (konst, axes) = match &self.weights[&key] {
-            Weight::Q4_0(t) => {
-                let fact = Box::new(BlockQuantFact::new(Box::new(Q4_0), tvec!(1, rows, cols)));
-                (Const::new_with_exotic_fact(t.clone(), fact)?, "mk,Gnk->mn")
-            }
-            Weight::Dense(t) => (Const::new(t.clone())?, "mk,nk->mn"),
-        };
-        let w = model.wire_node("w", konst, &[])?[0];
-        let op = EinSum { axes: axes.parse()?, operating_dt: DatumType::F32, q_params: None };
-        let out = model.wire_node("matmul", op, &[x, w])?;
-        model.select_output_outlets(&out)?;
-        let plan = model.into_optimized()?.into_runnable()?;
+        let plan = build_plan(&self.weights[&key], linear.rows, linear.cols, tokens)?;
         self.plans.lock().insert((key, tokens), plan.clone());
         Ok(plan)
     }
@@ -257,14 +263,6 @@ impl Backend for TractBackend {
     }
 }
 
-/// The reason a model cannot run on tract, if any (`None`: it can), without preparing it.
-pub fn unsupported(model: &Model<'_>) -> Option<String> {
-    model.linears().into_iter().find_map(|(name, l)| {
-        matches!(l.storage, WeightStorage::Quantized(WeightFormat::Q4_1))
-            .then(|| format!("tensor {name:?} is Q4_1, which tract's kernels do not take"))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,18 +284,7 @@ mod tests {
                 dequantize_row(WeightFormat::Q4_0, &bytes[r * cols / 32 * 18..(r + 1) * cols / 32 * 18], out);
             }
             let x: Vec<f32> = (0..tokens * cols).map(|i| ((i * 104_729 % 89) as f32 - 44.0) / 31.0).collect();
-            let storage =
-                BlockQuantStorage::new(Box::new(Q4_0), rows, cols, Arc::new(Blob::from_bytes(&bytes).unwrap()))
-                    .unwrap();
-            let t = Arc::new(storage.into_tensor_with_shape(f32::datum_type(), &[1, rows, cols]));
-            let mut model = TypedModel::default();
-            let xs = model.add_source("x", f32::fact([tokens, cols])).unwrap();
-            let fact = Box::new(BlockQuantFact::new(Box::new(Q4_0), tvec!(1, rows, cols)));
-            let w = model.wire_node("w", Const::new_with_exotic_fact(t, fact).unwrap(), &[]).unwrap()[0];
-            let op = EinSum { axes: "mk,Gnk->mn".parse().unwrap(), operating_dt: DatumType::F32, q_params: None };
-            let out = model.wire_node("mm", op, &[xs, w]).unwrap();
-            model.select_output_outlets(&out).unwrap();
-            let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+            let plan = build_plan(&q4_0_weight(&bytes, rows, cols).unwrap(), rows, cols, tokens).unwrap();
             let got = plan.run(tvec!(Tensor::from_shape(&[tokens, cols], &x).unwrap().into_tvalue())).unwrap();
             let got: Vec<f32> = got[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect();
             let mut worst = 0f64;
@@ -308,6 +295,9 @@ mod tests {
                 }
             }
             std::eprintln!("tract Q4_0 product, {tokens} tokens, {rows}x{cols}: worst relative error {worst:e}");
+            // Measured at most 2.2e-5 (f32 sums over up to 1536 products); a wrong block
+            // layout or scale would be off by far more.
+            assert!(worst < 1e-4, "tract's Q4_0 product is off by {worst:e} ({tokens}×{rows}×{cols})");
         }
     }
 }
