@@ -1,12 +1,17 @@
 //! `petrel convert` on the committed ONNX fixture (`testdata/onnx/`, made by
 //! `scripts/make_onnx_fixture.py`: a 2-block Llama exported by `torch.onnx.export`), against
 //! onnxruntime's logits for the same input (`tiny-llama.expected.json`, written by the same
-//! script). Both sides compute in f32, so they must agree to float rounding; a wrong RoPE
-//! permutation, head grouping or tied head moves logits by far more than the tolerance.
+//! script), on every backend (native, candle, tract). Both sides compute in f32, so they must
+//! agree to float rounding; a wrong RoPE permutation, head grouping or tied head moves
+//! logits by far more than the tolerance.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+use petrel_runtime::backend::candle::{CandleBackend, Device};
+use petrel_runtime::backend::native::NativeBackend;
+use petrel_runtime::backend::tract::TractBackend;
+use petrel_runtime::backend::Backend;
 use petrel_runtime::{GgufFile, Model, Session, SessionOptions};
 use serde_json::Value;
 
@@ -46,17 +51,26 @@ fn converted_onnx_model_matches_onnxruntime() {
     let gguf = GgufFile::parse(&bytes).expect("parses");
     let model = Model::load(&gguf).expect("loads");
     let vocab = model.config.vocab_size;
-    let mut session = Session::new(&model, SessionOptions { capacity: 64, ..SessionOptions::default() }).unwrap();
-    let mut got = vec![0f32; ids.len() * vocab];
-    session.prefill_all_logits(&ids, &mut got).expect("runs");
-    let mut worst = 0f32;
-    for (t, row) in want.iter().enumerate() {
-        for (a, b) in row.iter().zip(&got[t * vocab..(t + 1) * vocab]) {
-            worst = worst.max((a - b).abs());
+    // The same file on every backend.
+    let backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(NativeBackend::detect()),
+        Box::new(CandleBackend::new(&model, Device::Cpu).expect("candle serves f32")),
+        Box::new(TractBackend::new(&model, 1).expect("tract serves f32")),
+    ];
+    for backend in &backends {
+        let options = SessionOptions { capacity: 64, ..SessionOptions::default() };
+        let mut session = Session::with_backend(&model, options, backend.as_ref()).unwrap();
+        let mut got = vec![0f32; ids.len() * vocab];
+        session.prefill_all_logits(&ids, &mut got).expect("runs");
+        let mut worst = 0f32;
+        for (t, row) in want.iter().enumerate() {
+            for (a, b) in row.iter().zip(&got[t * vocab..(t + 1) * vocab]) {
+                worst = worst.max((a - b).abs());
+            }
         }
+        eprintln!("{}: max |Δlogit| against onnxruntime over {} positions: {worst}", backend.name(), ids.len());
+        assert!(worst <= TOLERANCE, "{}: max |Δlogit| {worst} > {TOLERANCE}", backend.name());
     }
-    eprintln!("max |Δlogit| against onnxruntime over {} positions: {worst}", ids.len());
-    assert!(worst <= TOLERANCE, "max |Δlogit| {worst} > {TOLERANCE}");
 }
 
 #[test]
