@@ -31,6 +31,9 @@ use super::fused::{self, causal_softmax, fake_quantize};
 /// scaled by `1/√(2·layers)`.
 const INIT_STD: f64 = 0.02;
 
+/// Narrowest learned clip range (the width `initial_clip` guarantees at the start).
+pub const MIN_CLIP_WIDTH: f32 = 2e-3;
+
 /// The four linear inputs of a block, each with its own learned clip pair.
 pub const CLIP_SITES: [&str; 4] = ["attn_in", "attn_out", "mlp_in", "down_in"];
 
@@ -289,6 +292,26 @@ impl Decoder {
     /// Done once with ratio 1, before the first step of a QAT run.
     pub fn calibrate_clips(&self, tokens: &Tensor, ratio: f32) -> Result<()> {
         self.run(tokens, ForwardOptions { fake_quant: true, ..ForwardOptions::default() }, Some(ratio))?;
+        Ok(())
+    }
+
+    /// Keeps every learned clip pair a valid quantization range after an optimizer step:
+    /// at least [`MIN_CLIP_WIDTH`] wide, centred where the step left it. Gradient steps
+    /// can move `lo` past `hi` when an activation collapses towards a constant; the
+    /// quantizer needs `lo < hi`. Pairs that are wide enough are left untouched, bit for bit.
+    pub fn project_clips(&self) -> Result<()> {
+        for l in 0..self.shape.layers {
+            for site in 0..4 {
+                let clip = &self.params[1 + l * BlockIndex::LEN + BlockIndex::CLIPS + site].var;
+                let pair = clip.as_tensor().to_vec1::<f32>()?;
+                let (lo, hi) = (pair[0], pair[1]);
+                if hi - lo < MIN_CLIP_WIDTH {
+                    let mid = 0.5 * (lo + hi);
+                    let half = 0.5 * MIN_CLIP_WIDTH;
+                    clip.set(&Tensor::new(&[mid - half, mid + half], &Device::Cpu)?)?;
+                }
+            }
+        }
         Ok(())
     }
 

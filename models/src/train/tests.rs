@@ -703,3 +703,18 @@ fn routed_export_runs_in_the_runtime_as_in_the_trainer() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn collapsed_clip_pairs_are_widened_and_others_left_alone() -> anyhow::Result<()> {
+    let decoder = Decoder::new(toy_shape(), 1)?;
+    let clip = |i: usize| decoder.params.iter().filter(|p| p.name.contains(".clip.")).nth(i).expect("clip pair");
+    // A pair crossed by a gradient step (as a real run once left it), and a healthy one.
+    clip(0).var.set(&Tensor::new(&[-0.000_164_7f32, -0.001_195_4], &Device::Cpu)?)?;
+    clip(1).var.set(&Tensor::new(&[-2.5f32, 3.25], &Device::Cpu)?)?;
+    decoder.project_clips()?;
+    let crossed = clip(0).var.as_tensor().to_vec1::<f32>()?;
+    assert!(crossed[1] - crossed[0] >= super::model::MIN_CLIP_WIDTH * 0.999, "{crossed:?}");
+    assert!(((crossed[0] + crossed[1]) / 2.0 - (-0.000_680_05)).abs() < 1e-6, "centre kept: {crossed:?}");
+    assert_eq!(clip(1).var.as_tensor().to_vec1::<f32>()?, vec![-2.5, 3.25]);
+    Ok(())
+}

@@ -109,6 +109,9 @@ impl Trainer {
         let qat = s.qat;
         let grad_norm =
             self.optimizer.step(&self.decoder.params, &grads, s, lr, |p| qat || !p.name.contains(".clip."))?;
+        if qat {
+            self.decoder.project_clips()?;
+        }
         let report = StepReport {
             step: self.step,
             loss: loss.to_scalar::<f32>()? as f64,
