@@ -25,7 +25,7 @@ use core::ops::Range;
 
 use hashbrown::HashMap;
 use petrel_quant::w4::PANEL_ROWS;
-use petrel_quant::{FloatKernels, WeightFormat};
+use petrel_quant::WeightFormat;
 use spin::Mutex;
 use tract_core::internal::{
     tvec, Blob, Datum, DatumExt, DatumType, IntoTValue, SpecialOps, Tensor, TractResult, TypedModel,
@@ -36,12 +36,12 @@ use tract_core::ops::konst::Const;
 use tract_core::prelude::TypedRunnableModel;
 use tract_linalg::block_quant::{BlockQuantFact, BlockQuantStorage, Q4_0};
 
+use super::native::NativeBackend;
 use super::Backend;
 use crate::linear::{ActivationBatch, Gather, Linear, WeightStorage};
 use crate::model::{Model, ModelError};
-use crate::ops::{self, AttentionShape};
+use crate::ops::AttentionShape;
 use crate::parallel::Member;
-use crate::routing;
 
 /// Bytes of a Q4_0 block: an f16 scale and 16 bytes of nibbles.
 const Q4_0_BLOCK: usize = 18;
@@ -59,7 +59,8 @@ pub struct TractBackend {
     weights: HashMap<usize, Weight>,
     plans: Mutex<HashMap<(usize, usize), Arc<TypedRunnableModel>>>,
     seen: Mutex<Vec<f32>>,
-    float: FloatKernels,
+    /// The element-wise operations.
+    native: NativeBackend,
 }
 
 impl core::fmt::Debug for TractBackend {
@@ -173,7 +174,7 @@ impl TractBackend {
             weights,
             plans: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
-            float: FloatKernels::detect(),
+            native: NativeBackend::detect(),
         })
     }
 
@@ -223,18 +224,11 @@ impl Backend for TractBackend {
     }
 
     fn rms_norm_rows(&self, out: &mut [f32], x: &[f32], gain: &[f32], eps: f32) {
-        ops::rms_norm_rows(out, x, gain, eps);
+        self.native.rms_norm_rows(out, x, gain, eps);
     }
 
     fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize) {
-        let tokens = tables.len() / rope_dim;
-        if tokens == 0 {
-            return;
-        }
-        let width = x.len() / tokens;
-        for (row, table) in x.chunks_exact_mut(width).zip(tables.chunks_exact(rope_dim)) {
-            ops::apply_rope(row, head_dim, table);
-        }
+        self.native.rope(x, tables, rope_dim, head_dim);
     }
 
     fn attend(
@@ -247,19 +241,19 @@ impl Backend for TractBackend {
         first_row: usize,
         items: Range<usize>,
     ) {
-        ops::attend_batch(&self.float, out, q, keys, values, shape, first_row, items);
+        self.native.attend(out, q, keys, values, shape, first_row, items);
     }
 
     fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
-        ops::swiglu(&self.float, gate, up);
+        self.native.swiglu(gate, up);
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) {
-        ops::add_assign(x, y);
+        self.native.add(x, y);
     }
 
     fn top_k(&self, scores: &[f32], k: usize, order: &mut [u32]) {
-        routing::select_top_k(scores, k, order);
+        self.native.top_k(scores, k, order);
     }
 }
 
