@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Write testdata/llama_cpp/golden.json: llama.cpp's logits and greedy output on fixed prompts.
+"""Write testdata/llama_cpp/golden*.json: llama.cpp's logits and greedy output on fixed prompts.
 
 Usage (with the venv that bench/llama/setup.sh creates):
 
-    $PETREL_HOME/llama-venv/bin/python scripts/make_golden.py [--model Q4_1.gguf] [--out FILE]
+    $PETREL_HOME/llama-venv/bin/python scripts/make_golden.py [--preset NAME] [--model FILE] [--out FILE]
 
-Defaults: model $PETREL_HOME/SmolLM2-135M-Instruct.Q4_1.gguf (PETREL_HOME defaults to
-~/.cache/petrel), out testdata/llama_cpp/golden.json (relative to the repository root).
+Presets (the model file in $PETREL_HOME, default ~/.cache/petrel, and the output under
+testdata/llama_cpp/ of the repository):
+  smollm2-135m        SmolLM2-135M-Instruct.Q4_1.gguf          -> golden.json
+  gemma3-270m         gemma-3-270m-q4_k_m.gguf                 -> golden-gemma3-270m.json
+  qwen2.5-coder-0.5b  qwen2.5-coder-0.5b-instruct-q4_k_m.gguf  -> golden-qwen2.5-coder-0.5b.json
 
 What is recorded, per prompt (all token ids are llama.cpp's, tokenized with
-add_bos=False, special=True; logits are rounded to 4 decimals):
+add_bos as the model's metadata says (`tokenizer.ggml.add_bos_token`), special=True;
+logits are rounded to 4 decimals):
 
   tokens         prompt token ids, length P
   prompt_top     P entries; entry i is the top-64 [id, logit] pairs (logit descending, ties
@@ -46,7 +50,35 @@ PROMPTS = {
     "chat": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
 }
 CHAT_TOKENS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+PRESETS = {
+    "smollm2-135m": {
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "out": "golden.json",
+        "prompts": PROMPTS,
+    },
+    "gemma3-270m": {
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "out": "golden-gemma3-270m.json",
+        # A base model: raw text, and Gemma's own turn markers for the chat-shaped prompt.
+        "prompts": {
+            **{k: v for k, v in PROMPTS.items() if k != "chat"},
+            "story": "Once upon a time",
+            "chat": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n",
+        },
+    },
+    "qwen2.5-coder-0.5b": {
+        "file": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "out": "golden-qwen2.5-coder-0.5b.json",
+        "prompts": {
+            **{k: v for k, v in PROMPTS.items() if k != "chat"},
+            "chat": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n<|im_start|>assistant\n",
+        },
+    },
+}
 TOP_K = 64
 N_GEN = 32
 N_CTX = 2048
@@ -113,8 +145,8 @@ def dump(golden: dict) -> str:
     return '{\n"metadata": {\n' + meta + '\n},\n"prompts": [\n' + ",\n".join(prompts) + "\n]\n}\n"
 
 
-def run_prompt(llm: Llama, name: str, text: str) -> dict:
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+def run_prompt(llm: Llama, name: str, text: str, add_bos: bool) -> dict:
+    tokens = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
     llm.reset()
     llm.eval(tokens)
     p = len(tokens)
@@ -145,30 +177,36 @@ def main() -> int:
     home = os.environ.get("PETREL_HOME", os.path.expanduser("~/.cache/petrel"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=os.path.join(home, "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--out", default=os.path.join(repo, "testdata", "llama_cpp", "golden.json"))
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smollm2-135m")
+    ap.add_argument("--model", help="the GGUF file (default: the preset's file in $PETREL_HOME)")
+    ap.add_argument("--out", help="the JSON to write (default: the preset's file under testdata/llama_cpp/)")
     args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    args.model = args.model or os.path.join(home, preset["file"])
+    args.out = args.out or os.path.join(repo, "testdata", "llama_cpp", preset["out"])
 
     digest = sha256(args.model)
-    if digest != MODEL_SHA256:
-        print(f"warning: {args.model} has sha256 {digest}, expected {MODEL_SHA256}", file=sys.stderr)
+    if digest != preset["sha256"]:
+        print(f"warning: {args.model} has sha256 {digest}, expected {preset['sha256']}", file=sys.stderr)
 
     llm = Llama(model_path=args.model, logits_all=True, n_ctx=N_CTX, n_threads=N_THREADS, seed=SEED, verbose=False)
+    add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
     cparams = llm.context_params
     results = []
-    for name, text in PROMPTS.items():
-        r = run_prompt(llm, name, text)
+    for name, text in preset["prompts"].items():
+        r = run_prompt(llm, name, text, add_bos)
         results.append(r)
         print(f"{name}: {len(r['tokens'])} prompt tokens, eos_index={r['eos_index']}, "
               f"greedy: {r['generated_text']!r}", file=sys.stderr)
 
     chat = next(r for r in results if r["name"] == "chat")
-    ok_tokens = chat["tokens"] == CHAT_TOKENS
     answer = detok(llm, chat["generated"][: chat["eos_index"]] if chat["eos_index"] is not None else chat["generated"])
-    ok_answer = answer.startswith("The capital of France is Paris.")
-    print(f"chat tokens match expected: {ok_tokens}", file=sys.stderr)
-    print(f"chat greedy answer: {answer!r} (starts with 'The capital of France is Paris.': {ok_answer})",
-          file=sys.stderr)
+    ok_tokens = ok_answer = True
+    if args.preset == "smollm2-135m":
+        ok_tokens = chat["tokens"] == CHAT_TOKENS
+        ok_answer = answer.startswith("The capital of France is Paris.")
+        print(f"chat tokens match expected: {ok_tokens}", file=sys.stderr)
+    print(f"chat greedy answer: {answer!r}", file=sys.stderr)
 
     golden = {
         "metadata": {
@@ -182,7 +220,8 @@ def main() -> int:
             "seed": SEED,
             "flash_attn": cparams.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             "kv_cache_type": "f16" if cparams.type_k == 1 and cparams.type_v == 1 else f"k={cparams.type_k},v={cparams.type_v}",
-            "tokenize": "tokenize(text.encode(), add_bos=False, special=True)",
+            "tokenize": f"tokenize(text.encode(), add_bos={add_bos}, special=True)",
+            "add_bos": add_bos,
             "top_k": TOP_K,
             "n_generated": N_GEN,
             "logit_decimals": 4,

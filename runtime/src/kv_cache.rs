@@ -7,7 +7,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 
 /// Keys and values of every layer for up to `capacity` rows each, in f32.
 ///
@@ -30,7 +30,7 @@ impl KvCache {
     /// A cache for `capacity` positions of `config`'s model, or `None` if that many bytes
     /// cannot be allocated (the size comes from the file and the caller, so it may be
     /// absurd; this reports it instead of aborting).
-    pub fn new(config: &LlamaConfig, capacity: usize) -> Option<Self> {
+    pub fn new(config: &ModelConfig, capacity: usize) -> Option<Self> {
         let rows = config.layers.checked_mul(capacity)?;
         let n = rows.checked_mul(config.kv_dim())?;
         if capacity > u32::MAX as usize {
@@ -50,7 +50,7 @@ impl KvCache {
     }
 
     /// Bytes a cache of `capacity` positions of `config`'s model needs (saturating).
-    pub fn bytes_for(config: &LlamaConfig, capacity: usize) -> usize {
+    pub fn bytes_for(config: &ModelConfig, capacity: usize) -> usize {
         let per_row = 2usize.saturating_mul(config.kv_dim()).saturating_mul(core::mem::size_of::<f32>()) + 4;
         config.layers.saturating_mul(capacity).saturating_mul(per_row)
     }

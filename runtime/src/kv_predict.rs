@@ -32,7 +32,7 @@ use alloc::format;
 use alloc::string::ToString;
 use alloc::vec::Vec;
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::forward::{forward_member, Compute, RunState};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
@@ -225,21 +225,21 @@ pub fn predict_rows_member(
     member: &Member<'_>,
     rows: usize,
 ) {
-    let c: &LlamaConfig = &model.config;
+    let c: &ModelConfig = &model.config;
     let (kv, hd, rd) = (c.kv_dim(), c.head_dim, c.rope_dim);
     let batch = s.max_batch();
     let mut start = 0;
     while start < rows {
         let b = batch.min(rows - start);
         for t in 0..b {
-            ops::rope_table(&mut s.rope[t * rd..(t + 1) * rd], start + t, rd, c.rope_base);
+            ops::rope_table(&mut s.rope[0][t * rd..(t + 1) * rd], start + t, rd, c.rope_bases[0]);
         }
         for a in 0..predictor.aux.layers.len() {
             let (keys, values) = aux_cache.layer(a);
             // Pre-RoPE auxiliary keys in `att`, values in `xb` (both `b × kv_dim`).
             s.att[..b * kv].copy_from_slice(&keys[start * kv..(start + b) * kv]);
             for t in 0..b {
-                ops::unapply_rope(&mut s.att[t * kv..(t + 1) * kv], hd, &s.rope[t * rd..(t + 1) * rd]);
+                ops::unapply_rope(&mut s.att[t * kv..(t + 1) * kv], hd, &s.rope[0][t * rd..(t + 1) * rd]);
             }
             s.xb[..b * kv].copy_from_slice(&values[start * kv..(start + b) * kv]);
             for l in (0..c.layers).filter(|&l| predictor.layer_map[l] == a) {
@@ -253,7 +253,7 @@ pub fn predict_rows_member(
                         let (k, v) = (&mut s.k[t * kv..(t + 1) * kv], &mut s.v[t * kv..(t + 1) * kv]);
                         ops::add_assign(k, &key_map.bias);
                         ops::add_assign(v, &value_map.bias);
-                        ops::apply_rope(k, hd, &s.rope[t * rd..(t + 1) * rd]);
+                        ops::apply_rope(k, hd, &s.rope[0][t * rd..(t + 1) * rd]);
                     }
                     cache.write().append(l, &s.k[..b * kv], &s.v[..b * kv], start..start + b);
                 }

@@ -5,7 +5,8 @@
 //! - [`gguf`]: the zero-copy, validating model-file reader ([`gguf_writer`] writes files;
 //!   [`mapped`] maps them on `std`);
 //! - [`tokenizer`]: byte-level BPE from the file's vocabulary, and the chat format;
-//! - [`config`] and [`model`]: hyper-parameters from the metadata, and the Llama-family
+//! - [`config`], [`arch`] and [`model`]: hyper-parameters and the plain block description
+//!   from the metadata (one loader per architecture: `llama`, `qwen2`, `gemma3`), and the
 //!   weights borrowed from the file;
 //! - [`linear`]: matrix products on the stored quantized blocks;
 //! - [`backend`]: the seam between the model code and the arithmetic — Petrel's own
@@ -25,6 +26,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod arch;
 pub mod backend;
 pub mod config;
 pub mod forward;
@@ -44,7 +46,7 @@ pub mod scheme;
 pub mod session;
 pub mod tokenizer;
 
-pub use config::LlamaConfig;
+pub use config::ModelConfig;
 pub use gguf::{GgufError, GgufFile};
 pub use model::{Model, ModelError};
 pub use petrel_quant::Kernels;

@@ -4,7 +4,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::gguf::{GgufError, GgufFile, TensorInfo, TensorType};
 use crate::kv_predict::KvPredictor;
 use crate::linear::Linear;
@@ -48,7 +48,13 @@ impl fmt::Display for ModelError {
         match self {
             ModelError::Gguf(e) => write!(f, "invalid GGUF file: {e}"),
             ModelError::Tokenizer(e) => write!(f, "invalid tokenizer: {e}"),
-            ModelError::UnsupportedArchitecture(a) => write!(f, "unsupported architecture {a:?} (supported: llama)"),
+            ModelError::UnsupportedArchitecture(a) => {
+                write!(f, "unsupported architecture {a:?} (supported:")?;
+                for name in crate::arch::supported() {
+                    write!(f, " {name}")?;
+                }
+                write!(f, ")")
+            }
             ModelError::MissingMetadata(k) => write!(f, "metadata key {k:?} is missing"),
             ModelError::BadMetadata { key, reason } => write!(f, "metadata key {key:?} is invalid: {reason}"),
             ModelError::BadTensorValues { tensor, reason } => write!(f, "tensor {tensor:?} is invalid: {reason}"),
@@ -83,27 +89,51 @@ impl From<TokenizerError> for ModelError {
     }
 }
 
-/// The weights of one transformer block.
+/// Biases of the query, key and value projections (`q_dim`, `kv_dim`, `kv_dim` long).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkvBias {
+    /// Query bias, `q_dim` long.
+    pub q: Vec<f32>,
+    /// Key bias, `kv_dim` long.
+    pub k: Vec<f32>,
+    /// Value bias, `kv_dim` long.
+    pub v: Vec<f32>,
+}
+
+/// The weights of one transformer block. Which optional parts are present follows the
+/// model's [`crate::config::BlockDescription`].
 #[derive(Clone, Debug)]
 pub struct LayerWeights<'a> {
     /// RMSNorm gain before attention, `dim` long.
     pub attn_norm: Vec<f32>,
-    /// Query projection, `dim × dim` (rows permuted for interleaved RoPE, as GGUF stores them).
+    /// Query projection, `q_dim × dim` (for adjacent-pair RoPE, rows permuted as GGUF
+    /// stores them).
     pub wq: Linear<'a>,
     /// Key projection, `kv_dim × dim` (permuted likewise).
     pub wk: Linear<'a>,
     /// Value projection, `kv_dim × dim`.
     pub wv: Linear<'a>,
-    /// Attention output projection, `dim × dim`.
+    /// Biases of the three projections (`attn_{q,k,v}.bias`), when the block has them.
+    pub qkv_bias: Option<QkvBias>,
+    /// RMSNorm gains of each query and key head (`attn_q_norm`, `attn_k_norm`, `head_dim`
+    /// long each), when the block has them.
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Attention output projection, `dim × q_dim`.
     pub wo: Linear<'a>,
+    /// RMSNorm gain of the attention output before the residual add
+    /// (`post_attention_norm`, `dim`), when the block has post-norms.
+    pub attn_post_norm: Option<Vec<f32>>,
     /// RMSNorm gain before the MLP, `dim` long.
     pub ffn_norm: Vec<f32>,
-    /// SwiGLU gate projection, `ffn_dim × dim`.
+    /// Gate projection, `ffn_dim × dim`.
     pub w_gate: Linear<'a>,
-    /// SwiGLU up projection, `ffn_dim × dim`.
+    /// Up projection, `ffn_dim × dim`.
     pub w_up: Linear<'a>,
-    /// SwiGLU down projection, `dim × ffn_dim`.
+    /// Down projection, `dim × ffn_dim`.
     pub w_down: Linear<'a>,
+    /// RMSNorm gain of the MLP output before the residual add (`post_ffw_norm`, `dim`),
+    /// when the block has post-norms.
+    pub ffn_post_norm: Option<Vec<f32>>,
     /// Learned activation clips of a model trained with activation QAT (tensor
     /// `blk.N.act_clip`, 8 f32): `[lo, hi]` for the inputs of q/k/v, o, gate/up and down,
     /// in that order. The forward pass clamps each input to its range before the linear
@@ -119,24 +149,46 @@ impl<'a> LayerWeights<'a> {
         file: &GgufFile<'a>,
         prefix: &str,
         l: usize,
-        config: &LlamaConfig,
+        config: &ModelConfig,
         scheme: Option<&QuantScheme>,
         rotated: bool,
     ) -> Result<Self, ModelError> {
-        let (dim, kv_dim, ffn) = (config.dim, config.kv_dim(), config.ffn_dim);
+        let (dim, q_dim, kv_dim, ffn) = (config.dim, config.q_dim(), config.kv_dim(), config.ffn_dim);
         let name = |suffix: &str| alloc::format!("{prefix}blk.{l}.{suffix}");
         let tensor = |name: &str| file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()));
+        let gain = |suffix: &str, len: usize| vector(tensor(&name(suffix))?, len);
         let linear = |name: &str, rows: usize, cols: usize| Linear::load(file, name, rows, cols, scheme);
+        let block = &config.block;
+        let qkv_bias = match block.qkv_bias {
+            false => None,
+            true => Some(QkvBias {
+                q: gain("attn_q.bias", q_dim)?,
+                k: gain("attn_k.bias", kv_dim)?,
+                v: gain("attn_v.bias", kv_dim)?,
+            }),
+        };
+        let qk_norm = match block.qk_norm {
+            false => None,
+            true => Some((gain("attn_q_norm.weight", config.head_dim)?, gain("attn_k_norm.weight", config.head_dim)?)),
+        };
+        let (attn_post_norm, ffn_post_norm) = match block.post_norms {
+            false => (None, None),
+            true => (Some(gain("post_attention_norm.weight", dim)?), Some(gain("post_ffw_norm.weight", dim)?)),
+        };
         Ok(LayerWeights {
-            attn_norm: vector(tensor(&name("attn_norm.weight"))?, dim)?,
-            wq: linear(&name("attn_q.weight"), dim, dim)?,
+            attn_norm: gain("attn_norm.weight", dim)?,
+            wq: linear(&name("attn_q.weight"), q_dim, dim)?,
             wk: linear(&name("attn_k.weight"), kv_dim, dim)?,
             wv: linear(&name("attn_v.weight"), kv_dim, dim)?,
-            wo: linear(&name("attn_output.weight"), dim, dim)?,
-            ffn_norm: vector(tensor(&name("ffn_norm.weight"))?, dim)?,
+            qkv_bias,
+            qk_norm,
+            wo: linear(&name("attn_output.weight"), dim, q_dim)?,
+            attn_post_norm,
+            ffn_norm: gain("ffn_norm.weight", dim)?,
             w_gate: linear(&name("ffn_gate.weight"), ffn, dim)?,
             w_up: linear(&name("ffn_up.weight"), ffn, dim)?,
             w_down: linear(&name("ffn_down.weight"), dim, ffn)?,
+            ffn_post_norm,
             activation_clips: activation_clips(file, &name("act_clip"), rotated)?,
         })
     }
@@ -146,7 +198,7 @@ impl<'a> LayerWeights<'a> {
 #[derive(Debug)]
 pub struct Model<'a> {
     /// Hyper-parameters from the metadata.
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Token embedding table, `vocab_size × dim`.
     pub token_embedding: Linear<'a>,
     /// Transformer blocks, in order.
@@ -204,7 +256,7 @@ impl<'a> Model<'a> {
 
     /// Builds the model from a parsed file, checking every tensor's presence, shape and type.
     pub fn load(file: &GgufFile<'a>) -> Result<Self, ModelError> {
-        let config = LlamaConfig::from_gguf(file)?;
+        let config = ModelConfig::from_gguf(file)?;
         let tokenizer = Tokenizer::from_gguf(file)?;
         if tokenizer.vocab_size() as usize != config.vocab_size {
             return Err(ModelError::BadTensorShape {
@@ -235,6 +287,23 @@ impl<'a> Model<'a> {
         }
         let output_norm = vector(tensor("output_norm.weight")?, dim)?;
         let routing = MixtureOfDepths::from_gguf(file, config.layers, dim)?;
+        // Routing, rotation and KV prediction were built for Llama's block; other
+        // architectures refuse them until they are made to fit.
+        let transform = if routing.is_some() {
+            Some(crate::routing::KEY_LAYERS)
+        } else if down_hadamard.is_some() {
+            Some(crate::scheme::KEY_ROTATION)
+        } else if file.get(crate::kv_predict::KEY_LAYER_MAP).is_some() {
+            Some(crate::kv_predict::KEY_LAYER_MAP)
+        } else {
+            None
+        };
+        if let (Some(key), false) = (transform, config.is_llama_like()) {
+            return Err(ModelError::BadMetadata {
+                key: key.to_string(),
+                reason: "this transform is only supported on llama-architecture blocks",
+            });
+        }
         let mut model = Model {
             config,
             token_embedding,

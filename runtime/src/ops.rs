@@ -48,6 +48,38 @@ pub fn apply_rope(x: &mut [f32], head_dim: usize, table: &[f32]) {
     }
 }
 
+/// [`apply_rope`] for NeoX-style RoPE: the first `rope_dim = 2 · table.len() / 2` values
+/// of a head form the pairs `(x[i], x[i + rope_dim/2])` (ggml's `GGML_ROPE_TYPE_NEOX`, used
+/// by Qwen2 and Gemma).
+pub fn apply_rope_neox(x: &mut [f32], head_dim: usize, table: &[f32]) {
+    let half = table.len() / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        let (first, second) = head[..2 * half].split_at_mut(half);
+        for ((a, b), cs) in first.iter_mut().zip(second.iter_mut()).zip(table.chunks_exact(2)) {
+            let (x0, x1) = (*a, *b);
+            *a = x0 * cs[0] - x1 * cs[1];
+            *b = x0 * cs[1] + x1 * cs[0];
+        }
+    }
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]`, GELU in its tanh approximation
+/// `0.5 g (1 + tanh(√(2/π) (g + 0.044715 g³)))` (ggml's `ggml_gelu`).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + libm::tanhf(SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x))) * u;
+    }
+}
+
+/// `x ← c · tanh(x / c)` element-wise (final logit soft-capping).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    for v in x.iter_mut() {
+        *v = cap * libm::tanhf(*v / cap);
+    }
+}
+
 /// Undoes [`apply_rope`] with the same `table`: rotates each pair by the negative angle
 /// (keys cached after RoPE back to the position-free basis in which KV prediction maps
 /// them).
@@ -77,7 +109,7 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 /// while it is in cache).
 const MAX_QUERIES: usize = 64;
 
-/// The attention geometry of a model.
+/// The attention geometry of one layer.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     /// Query heads.
@@ -86,6 +118,28 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     /// Elements per head.
     pub head_dim: usize,
+    /// Factor on the query–key dot products (`1/√head_dim` for most models).
+    pub scale: f32,
+    /// Sliding window in cache rows: the query of row `r` sees rows `r - window + 1 ..= r`;
+    /// `None` for all rows up to its own. (Dense layers have one row per position, so this
+    /// is the window in tokens.)
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// Global attention with scale `1/√head_dim`.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttentionShape { heads, kv_heads, head_dim, scale: 1.0 / libm::sqrtf(head_dim as f32), window: None }
+    }
+
+    /// The first cache row the query of row `last` sees.
+    #[inline]
+    pub fn first_row(&self, last: usize) -> usize {
+        match self.window {
+            Some(w) => (last + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
 }
 
 /// Causal attention for the query heads `items` of a batch, item `i` being head
@@ -168,24 +222,27 @@ fn attend_queries(
     let head_dim = shape.head_dim;
     let kv_dim = shape.kv_heads * head_dim;
     let offset = kv * head_dim;
-    let scale = 1.0 / libm::sqrtf(head_dim as f32);
+    let scale = shape.scale;
     let row = |item: usize| (item - first_item) * head_dim..(item - first_item + 1) * head_dim;
     let last_of = |query: &Query| position + query.token;
     let max_last = queries.iter().map(last_of).max().unwrap_or(0);
+    let min_first = queries.iter().map(|q| shape.first_row(last_of(q))).min().unwrap_or(0);
     let mut max = [f32::NEG_INFINITY; MAX_QUERIES];
     let mut denom = [0f32; MAX_QUERIES];
     let mut tile = [0f32; KEY_TILE];
     for query in queries {
         out[row(query.item)].fill(0.0);
     }
-    for start in (0..=max_last).step_by(KEY_TILE) {
-        let base = start * kv_dim + offset;
+    for tile_start in (min_first / KEY_TILE * KEY_TILE..=max_last).step_by(KEY_TILE) {
         for (i, query) in queries.iter().enumerate() {
             let last = last_of(query);
-            if start > last {
+            // The rows of this tile that the query sees (a sliding window cuts its start).
+            let start = tile_start.max(shape.first_row(last));
+            if start > last || start >= tile_start + KEY_TILE {
                 continue;
             }
-            let n = (last + 1 - start).min(KEY_TILE);
+            let base = start * kv_dim + offset;
+            let n = (last + 1 - start).min(tile_start + KEY_TILE - start);
             let qb = query.token * shape.heads * head_dim + (query.item % shape.heads) * head_dim;
             fk.tile_scores(&q[qb..qb + head_dim], &keys[base..], kv_dim, n, &mut tile);
             for s in tile[..n].iter_mut() {
@@ -260,7 +317,7 @@ mod tests {
             let q = gen(tokens * dim, 3.0);
             let keys = gen(positions * kv_dim, 1.0);
             let values = gen(positions * kv_dim, 1.0);
-            let shape = AttentionShape { heads, kv_heads, head_dim };
+            let shape = AttentionShape::new(heads, kv_heads, head_dim);
             let items = tokens * heads;
             let run = |fk: &FloatKernels, split: usize| {
                 let mut out = vec![0f32; items * head_dim];
@@ -316,6 +373,112 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A sliding window and a custom scale against an f64 reference, and the same
+    /// independence of splits and kernels as global attention.
+    #[test]
+    fn windowed_attention_matches_f64_reference() {
+        let mut seed = 11u64;
+        // (heads, kv_heads, head_dim, position, tokens, window): windows shorter than a
+        // tile, across tile edges, longer than the context, of one row.
+        for (heads, kv_heads, head_dim, position, tokens, window) in
+            [(4, 1, 32, 70, 9, 5), (2, 2, 16, 130, 40, 37), (3, 1, 8, 3, 4, 100), (2, 1, 8, 20, 3, 1)]
+        {
+            let (dim, kv_dim, positions) = (heads * head_dim, kv_heads * head_dim, position + tokens);
+            let mut gen = |len: usize| -> Vec<f32> { (0..len).map(|_| noise(&mut seed) * 2.0).collect() };
+            let (q, keys, values) = (gen(tokens * dim), gen(positions * kv_dim), gen(positions * kv_dim));
+            let shape = AttentionShape { scale: 0.3, window: Some(window), ..AttentionShape::new(heads, kv_heads, head_dim) };
+            let items = tokens * heads;
+            let run = |fk: &FloatKernels, split: usize| {
+                let mut out = vec![0f32; items * head_dim];
+                for start in (0..items).step_by(split) {
+                    let end = (start + split).min(items);
+                    let o = &mut out[start * head_dim..end * head_dim];
+                    attend_batch(fk, o, &q, &keys, &values, shape, position, start..end);
+                }
+                out
+            };
+            let reference = run(&FloatKernels::scalar(), items);
+            for split in [1, 7] {
+                assert_eq!(run(&FloatKernels::detect(), split), reference, "split {split}");
+            }
+            for t in 0..tokens {
+                let last = position + t;
+                for h in 0..heads {
+                    let off = (h / (heads / kv_heads)) * head_dim;
+                    let qh = &q[t * dim + h * head_dim..t * dim + (h + 1) * head_dim];
+                    let visible = (last + 1).saturating_sub(window)..last + 1;
+                    let scores: Vec<f64> = visible
+                        .clone()
+                        .map(|p| {
+                            let k = &keys[p * kv_dim + off..p * kv_dim + off + head_dim];
+                            qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * 0.3
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for i in 0..head_dim {
+                        let expected: f64 = visible
+                            .clone()
+                            .zip(&w)
+                            .map(|(p, w)| w / total * values[p * kv_dim + off + i] as f64)
+                            .sum();
+                        let got = reference[(t * heads + h) * head_dim + i] as f64;
+                        assert!((got - expected).abs() < 2e-5, "window {window} {t}/{h}/{i}: {got} vs {expected}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// NeoX RoPE is adjacent-pair RoPE on the halves interleaved.
+    #[test]
+    fn neox_rope_is_adjacent_rope_on_interleaved_halves() {
+        let (head_dim, rope_dim) = (12, 8);
+        let mut seed = 5u64;
+        let x: Vec<f32> = (0..2 * head_dim).map(|_| noise(&mut seed)).collect();
+        let mut table = vec![0f32; rope_dim];
+        rope_table(&mut table, 33, rope_dim, 1e6);
+        let mut neox = x.clone();
+        apply_rope_neox(&mut neox, head_dim, &table);
+        let half = rope_dim / 2;
+        // Interleave each head's halves, rotate adjacent pairs, and split back.
+        let mut adjacent = x.clone();
+        for head in adjacent.chunks_exact_mut(head_dim) {
+            let orig = head.to_vec();
+            for i in 0..half {
+                head[2 * i] = orig[i];
+                head[2 * i + 1] = orig[half + i];
+            }
+        }
+        apply_rope(&mut adjacent, head_dim, &table);
+        for (h, head) in adjacent.chunks_exact(head_dim).enumerate() {
+            for i in 0..half {
+                assert_eq!(neox[h * head_dim + i], head[2 * i]);
+                assert_eq!(neox[h * head_dim + half + i], head[2 * i + 1]);
+            }
+            assert_eq!(neox[h * head_dim + rope_dim..(h + 1) * head_dim], x[h * head_dim + rope_dim..(h + 1) * head_dim]);
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_matches_the_formula_in_f64() {
+        let mut gate: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.15).collect();
+        let up: Vec<f32> = gate.iter().map(|g| 1.0 - g * 0.1).collect();
+        let expected: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| {
+                let g = g as f64;
+                0.5 * g * (1.0 + ((2.0 / core::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()) * u as f64
+            })
+            .collect();
+        gelu_tanh_mul(&mut gate, &up);
+        for (got, want) in gate.iter().zip(&expected) {
+            assert!((*got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{got} vs {want}");
         }
     }
 

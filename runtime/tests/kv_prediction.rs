@@ -162,7 +162,7 @@ fn predicted_rows_are_the_mapped_auxiliary_rows_at_the_base_positions() {
         let (wk, wv): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
             (0..KV).map(|r| (weight(key_map, r), weight(value_map, r))).unzip();
         for t in 0..n {
-            ops::rope_table(&mut table, t, c.rope_dim, c.rope_base);
+            ops::rope_table(&mut table, t, c.rope_dim, c.rope_bases[0]);
             let mut x = aux_keys[t * KV..(t + 1) * KV].to_vec();
             ops::unapply_rope(&mut x, c.head_dim, &table);
             let mut expected_k: Vec<f32> = (0..KV)

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
-use petrel_runtime::LlamaConfig;
+use petrel_runtime::ModelConfig;
 use serde::Serialize;
 
 use super::model::{BlockTensors, KvpModel, BLOCK_TENSORS, PREDICTOR_TENSORS};
@@ -229,7 +229,10 @@ fn read_block(file: &GgufFile<'_>, s: &ModelShape, prefix: &str) -> Result<Optio
 /// layout must not be given one.
 pub fn load(file: &GgufFile<'_>, init_every: Option<usize>, context: usize) -> Result<Loaded> {
     check_plain(file)?;
-    let config = LlamaConfig::from_gguf(file).map_err(|e| anyhow::anyhow!("not a Llama model: {e}"))?;
+    let config = ModelConfig::from_gguf(file).map_err(|e| anyhow::anyhow!("not a Llama model: {e}"))?;
+    if !config.is_llama_like() {
+        bail!("KV-prediction training supports llama-architecture blocks only (this file is {})", config.architecture);
+    }
     if config.rope_dim != config.head_dim {
         bail!("RoPE over {} of {} head dimensions is not supported", config.rope_dim, config.head_dim);
     }
@@ -244,7 +247,7 @@ pub fn load(file: &GgufFile<'_>, init_every: Option<usize>, context: usize) -> R
         kv_heads: config.kv_heads,
         ffn_dim: config.ffn_dim,
         context,
-        rope_base: config.rope_base,
+        rope_base: config.rope_bases[0],
         norm_eps: config.norm_eps,
         routing: None,
     };

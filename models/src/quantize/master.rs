@@ -10,7 +10,7 @@ use petrel_quant::rng::SplitMix64;
 use petrel_runtime::kv_predict::AffineMap;
 use petrel_runtime::linear::Linear;
 use petrel_runtime::model::LayerWeights;
-use petrel_runtime::{LlamaConfig, Model};
+use petrel_runtime::{ModelConfig, Model};
 use rayon::prelude::*;
 
 /// A dense f32 matrix, row-major.
@@ -121,7 +121,7 @@ pub struct MasterKvp {
 pub struct MasterWeights {
     /// The KV predictor, for files that have one.
     pub kvp: Option<MasterKvp>,
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Token embeddings, `vocab × dim`.
     pub embedding: Matrix,
     /// Output head, `vocab × dim`; `None` when tied to the embeddings.

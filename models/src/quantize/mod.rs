@@ -190,6 +190,14 @@ pub fn run(args: &QuantizeArgs) -> Result<Summary> {
         GgufFile::parse(file.bytes()).with_context(|| format!("{} is not a valid GGUF file", args.input.display()))?;
     let model = Model::load(&gguf).with_context(|| format!("cannot load {}", args.input.display()))?;
     eprintln!("dequantizing {} …", args.input.display());
+    if !model.config.is_llama_like() {
+        bail!(
+            "petrel quantize supports llama-architecture models only; {} is {} (its blocks have {:?})",
+            args.input.display(),
+            model.config.architecture,
+            model.config.block
+        );
+    }
     let mut master = MasterWeights::from_model(&model);
     if args.rotate && model.layers.iter().any(|l| l.activation_clips.is_some()) {
         bail!("{} has learned activation clips (activation QAT): they hold in the unrotated basis, so --rotate does not apply", args.input.display());

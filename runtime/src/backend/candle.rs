@@ -26,6 +26,7 @@ use hashbrown::HashMap;
 use spin::Mutex;
 
 use super::Backend;
+use crate::config::RopeStyle;
 use crate::linear::{ActivationBatch, Gather, Linear};
 use crate::model::{Model, ModelError};
 use crate::ops::AttentionShape;
@@ -133,7 +134,7 @@ impl Backend for CandleBackend {
         self.download(&run("rms_norm", candle_nn::ops::rms_norm(&x, &gain, eps)), out);
     }
 
-    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize) {
+    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize, style: RopeStyle) {
         let tokens = tables.len() / rope_dim;
         if tokens == 0 {
             return;
@@ -144,11 +145,18 @@ impl Backend for CandleBackend {
             let table = self.upload(tables, &[tokens, 1, half, 2]);
             let (cos, sin) = (table.narrow(3, 0, 1)?, table.narrow(3, 1, 1)?);
             let t = self.upload(x, &[tokens, heads, head_dim]);
-            let pairs = t.narrow(2, 0, rope_dim)?.reshape((tokens, heads, half, 2))?;
+            // The pairs as [tokens, heads, half, 2]: adjacent elements, or the two halves.
+            let pairs = match style {
+                RopeStyle::Adjacent => t.narrow(2, 0, rope_dim)?.reshape((tokens, heads, half, 2))?,
+                RopeStyle::Neox => t.narrow(2, 0, rope_dim)?.reshape((tokens, heads, 2, half))?.transpose(2, 3)?,
+            };
             let (a, b) = (pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?);
             let a2 = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
             let b2 = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
-            let rotated = Tensor::cat(&[a2, b2], 3)?.reshape((tokens, heads, rope_dim))?;
+            let rotated = match style {
+                RopeStyle::Adjacent => Tensor::cat(&[a2, b2], 3)?.reshape((tokens, heads, rope_dim))?,
+                RopeStyle::Neox => Tensor::cat(&[a2, b2], 3)?.transpose(2, 3)?.reshape((tokens, heads, rope_dim))?,
+            };
             if rope_dim == head_dim {
                 Ok(rotated)
             } else {
@@ -169,7 +177,7 @@ impl Backend for CandleBackend {
         first_row: usize,
         items: Range<usize>,
     ) {
-        let AttentionShape { heads, kv_heads, head_dim } = shape;
+        let AttentionShape { heads, kv_heads, head_dim, scale, .. } = shape;
         let tokens = q.len() / (heads * head_dim);
         assert!(items == (0..tokens * heads), "candle backend: attention runs on one team member");
         let rows = first_row + tokens;
@@ -184,11 +192,14 @@ impl Backend for CandleBackend {
             };
             let k = expand(self.upload(&keys[..rows * kv], &[rows, kv_heads, head_dim]))?;
             let v = expand(self.upload(&values[..rows * kv], &[rows, kv_heads, head_dim]))?;
-            let scale = 1.0 / (head_dim as f64).sqrt();
-            let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-            // Token t sees rows 0..=first_row + t.
-            let mask: Vec<u8> =
-                (0..tokens).flat_map(|t| (0..rows).map(move |r| u8::from(r <= first_row + t))).collect();
+            let scores = (q.contiguous()?.matmul(&k.t()?)? * scale as f64)?;
+            // Token t sees rows shape.first_row(first_row + t) ..= first_row + t.
+            let mask: Vec<u8> = (0..tokens)
+                .flat_map(|t| {
+                    let last = first_row + t;
+                    (0..rows).map(move |r| u8::from(r <= last && r >= shape.first_row(last)))
+                })
+                .collect();
             let mask = Tensor::from_vec(mask, (tokens, rows), &self.device)?.broadcast_as((heads, tokens, rows))?;
             let hidden = Tensor::full(f32::NEG_INFINITY, (heads, tokens, rows), &self.device)?;
             let probs = candle_nn::ops::softmax_last_dim(&mask.where_cond(&scores, &hidden)?)?;
@@ -202,6 +213,14 @@ impl Backend for CandleBackend {
         let g = self.upload(gate, &[gate.len()]);
         let u = self.upload(up, &[up.len()]);
         let product = run("swiglu", candle_nn::ops::silu(&g).and_then(|s| s * u));
+        self.download(&product, gate);
+    }
+
+    fn geglu(&self, gate: &mut [f32], up: &[f32]) {
+        let g = self.upload(gate, &[gate.len()]);
+        let u = self.upload(up, &[up.len()]);
+        // candle's `gelu` is the tanh approximation (`gelu_erf` the exact one).
+        let product = run("geglu", g.gelu().and_then(|s| s * u));
         self.download(&product, gate);
     }
 

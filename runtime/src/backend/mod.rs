@@ -2,7 +2,8 @@
 //!
 //! `forward.rs` and `kv_predict.rs` say *what* a block computes; a backend says *how*. The
 //! operations are the ones a Llama-family block needs — matrix products on the stored
-//! weights, RMSNorm, RoPE, causal attention over the KV cache, SwiGLU, residual adds and
+//! weights, RMSNorm, RoPE (adjacent or NeoX pairs), causal attention over the KV cache
+//! (optionally windowed), SwiGLU and GeGLU, residual adds and
 //! (for mixture-of-depths routing) top-k — on host `f32` slices. Activations, the KV cache,
 //! routers, taps and the Hadamard transform stay in host memory, so every feature of the
 //! runtime works on every backend.
@@ -28,6 +29,7 @@ pub mod tract;
 
 use core::ops::Range;
 
+use crate::config::RopeStyle;
 use crate::linear::{ActivationBatch, Gather, Linear};
 use crate::ops::AttentionShape;
 use crate::parallel::Member;
@@ -52,8 +54,8 @@ pub trait Backend: Sync {
 
     /// Rotates `x` (`tokens × width`, whole heads of `head_dim`) by the RoPE tables of its
     /// tokens (`tables`: `tokens × rope_dim` values, `rope_dim / 2` pairs of `(cos, sin)`
-    /// per token, as `ops::rope_table` fills them), in ggml's adjacent-pair layout.
-    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize);
+    /// per token, as `ops::rope_table` fills them), pairing elements as `style` says.
+    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize, style: RopeStyle);
 
     /// Causal attention of the batch's queries `q` (`tokens × heads × head_dim`) over the
     /// cached `keys` and `values` (`rows × kv_heads × head_dim`), for the query heads
@@ -73,6 +75,9 @@ pub trait Backend: Sync {
 
     /// `gate = silu(gate) · up`, element-wise.
     fn swiglu(&self, gate: &mut [f32], up: &[f32]);
+
+    /// `gate = gelu_tanh(gate) · up`, element-wise (`ops::gelu_tanh_mul`).
+    fn geglu(&self, gate: &mut [f32], up: &[f32]);
 
     /// `x += y`, element-wise.
     fn add(&self, x: &mut [f32], y: &[f32]);

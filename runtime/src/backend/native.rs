@@ -7,6 +7,7 @@ use petrel_quant::w4::kernels::W4Kernels;
 use petrel_quant::{FloatKernels, Kernels};
 
 use super::Backend;
+use crate::config::RopeStyle;
 use crate::linear::{ActivationBatch, Gather, Linear};
 use crate::ops::{self, AttentionShape};
 use crate::parallel::Member;
@@ -57,14 +58,17 @@ impl Backend for NativeBackend {
         ops::rms_norm_rows(out, x, gain, eps);
     }
 
-    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize) {
+    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize, style: RopeStyle) {
         let tokens = tables.len() / rope_dim;
         if tokens == 0 {
             return;
         }
         let width = x.len() / tokens;
         for (row, table) in x.chunks_exact_mut(width).zip(tables.chunks_exact(rope_dim)) {
-            ops::apply_rope(row, head_dim, table);
+            match style {
+                RopeStyle::Adjacent => ops::apply_rope(row, head_dim, table),
+                RopeStyle::Neox => ops::apply_rope_neox(row, head_dim, table),
+            }
         }
     }
 
@@ -83,6 +87,10 @@ impl Backend for NativeBackend {
 
     fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
         ops::swiglu(&self.float, gate, up);
+    }
+
+    fn geglu(&self, gate: &mut [f32], up: &[f32]) {
+        ops::gelu_tanh_mul(gate, up);
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) {

@@ -38,6 +38,7 @@ use tract_linalg::block_quant::{BlockQuantFact, BlockQuantStorage, Q4_0};
 
 use super::native::NativeBackend;
 use super::Backend;
+use crate::config::RopeStyle;
 use crate::linear::{ActivationBatch, Gather, Linear, WeightStorage};
 use crate::model::{Model, ModelError};
 use crate::ops::AttentionShape;
@@ -227,8 +228,8 @@ impl Backend for TractBackend {
         self.native.rms_norm_rows(out, x, gain, eps);
     }
 
-    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize) {
-        self.native.rope(x, tables, rope_dim, head_dim);
+    fn rope(&self, x: &mut [f32], tables: &[f32], rope_dim: usize, head_dim: usize, style: RopeStyle) {
+        self.native.rope(x, tables, rope_dim, head_dim, style);
     }
 
     fn attend(
@@ -246,6 +247,10 @@ impl Backend for TractBackend {
 
     fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
         self.native.swiglu(gate, up);
+    }
+
+    fn geglu(&self, gate: &mut [f32], up: &[f32]) {
+        self.native.geglu(gate, up);
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) {
