@@ -70,9 +70,10 @@ enum BenchCommand {
 /// The default benchmark: the same GGUF files through Petrel and llama.cpp.
 #[derive(clap::Args, Debug)]
 struct Args {
-    /// GGUF files to measure (default: SmolLM2-135M Q4_1 and Q4_0 from the cache).
+    /// GGUF files or known model names (`gemma3-270m`, `qwen2.5-coder-0.5b`, pulled on
+    /// first use) to measure (default: SmolLM2-135M Q4_1 and Q4_0 from the cache).
     #[arg(long = "model")]
-    models: Vec<PathBuf>,
+    models: Vec<String>,
     /// Thread counts.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
@@ -130,7 +131,11 @@ fn main() -> Result<()> {
 }
 
 fn same_file_bench(args: &Args) -> Result<()> {
-    let models = if args.models.is_empty() { default_models()? } else { args.models.clone() };
+    let models = if args.models.is_empty() {
+        default_models()?
+    } else {
+        args.models.iter().map(|m| registry::resolve(m)).collect::<Result<Vec<_>>>()?
+    };
     let mut rows = Vec::new();
     let mut weight_bytes = Vec::new();
     let mut kernels = String::new();

@@ -13,7 +13,7 @@ use petrel_models::backends::{BackendChoice, PreparedBackend};
 use petrel_models::{registry, stats};
 use petrel_runtime::gguf::{GgufFile, Value};
 use petrel_runtime::mapped::MappedFile;
-use petrel_runtime::tokenizer::{format_chat, ChatMessage, StreamDecoder};
+use petrel_runtime::tokenizer::{format_chat, ChatMessage, StreamDecoder, Tokenizer};
 use petrel_runtime::{Model, Sampler, SamplerConfig, Session, SessionOptions, StopReason};
 
 /// Petrel runs decoder-only language models from GGUF files on CPUs, from one no_std core.
@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Download a known model into the cache ($PETREL_HOME, default ~/.cache/petrel).
     Pull {
-        /// Model name (known: smollm2-135m).
+        /// Model name (known: smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b).
         name: String,
     },
     /// Generate a reply to one prompt, streaming tokens, then print timings.
@@ -87,6 +87,35 @@ enum Command {
     Eval {
         #[command(subcommand)]
         command: eval::EvalCommand,
+    },
+    /// Tokenize text with a model's vocabulary (only the vocabulary is read: vocab-only
+    /// GGUFs work) and print the token ids.
+    ///
+    /// By default the text is encoded as llama.cpp's `llama_tokenize(..., add_special,
+    /// parse_special=false)` with `add_special` from the file's `tokenizer.ggml.add_bos_token`;
+    /// `--no-bos` never adds BOS, `--special` parses special-token texts such as
+    /// `<|im_start|>`. With `--inputs FILE` every test of a llama.cpp tokenizer-suite
+    /// `.inp` file (cases separated by a `__ggml_vocab_test__` line) is encoded, BOS never
+    /// added, one line of ids per case: the format of the suite's `.out` files.
+    Tokenize {
+        /// A known model name or a path to a GGUF file.
+        #[arg(long, short)]
+        model: String,
+        /// Print JSON: `{"ids": [...], "pieces": [...]}` (pieces as UTF-8 text, lossy).
+        #[arg(long)]
+        json: bool,
+        /// Never add BOS.
+        #[arg(long)]
+        no_bos: bool,
+        /// Parse special-token texts in the input.
+        #[arg(long)]
+        special: bool,
+        /// Encode every case of a llama.cpp tokenizer-suite `.inp` file instead of TEXT.
+        #[arg(long, conflicts_with = "text")]
+        inputs: Option<PathBuf>,
+        /// The text to tokenize.
+        #[arg(required_unless_present = "inputs")]
+        text: Option<String>,
     },
     /// Print a GGUF file's metadata and tensor table.
     Inspect {
@@ -188,6 +217,9 @@ fn main() {
         }),
         Command::Chat { generation } => chat(&generation),
         Command::Inspect { file, full } => inspect(&file, full),
+        Command::Tokenize { model, json, no_bos, special, inputs, text } => {
+            tokenize(&model, json, no_bos, special, inputs.as_deref(), text.as_deref())
+        }
         Command::Eval { command } => eval::run(command),
         Command::Quantize(args) => quantize(&args),
         Command::Train(args) => petrel_models::train::run(&args),
@@ -211,6 +243,49 @@ fn pull(name: &str) -> Result<()> {
         bail!("unknown model {name:?} (known: {})", names.join(", "));
     };
     registry::pull(model)?;
+    Ok(())
+}
+
+/// The separator line between the cases of llama.cpp's tokenizer-suite files.
+const SUITE_SEPARATOR: &str = "\n__ggml_vocab_test__\n";
+
+fn tokenize(
+    spec: &str,
+    json: bool,
+    no_bos: bool,
+    special: bool,
+    inputs: Option<&Path>,
+    text: Option<&str>,
+) -> Result<()> {
+    let (path, file) = open(spec)?;
+    let gguf = GgufFile::parse(file.bytes()).with_context(|| format!("cannot read {}", path.display()))?;
+    let tokenizer =
+        Tokenizer::from_gguf(&gguf).with_context(|| format!("cannot load the vocabulary of {}", path.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    if let Some(inputs) = inputs {
+        let suite = std::fs::read_to_string(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+        let body = suite.strip_suffix(SUITE_SEPARATOR).unwrap_or(&suite);
+        for case in body.split(SUITE_SEPARATOR) {
+            let ids = tokenizer.encode(case, special);
+            let line: String = ids.iter().map(|id| format!(" {id}")).collect();
+            writeln!(stdout, "{line}")?;
+        }
+        return Ok(());
+    }
+    let text = text.unwrap_or_default();
+    let mut ids = Vec::new();
+    if tokenizer.add_bos() && !no_bos {
+        ids.push(tokenizer.bos());
+    }
+    ids.extend(tokenizer.encode(text, special));
+    if json {
+        let pieces: Vec<String> =
+            ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_bytes(id).unwrap_or_default()).into_owned()).collect();
+        writeln!(stdout, "{}", serde_json::json!({ "ids": ids, "pieces": pieces }))?;
+    } else {
+        let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+        writeln!(stdout, "{}", line.join(" "))?;
+    }
     Ok(())
 }
 
@@ -304,7 +379,7 @@ fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Resul
         messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() });
         format_chat(&messages, true)
     };
-    let tokens = model.tokenizer.encode(&text, !raw);
+    let tokens = prompt_tokens(&model.tokenizer, &text, !raw);
     let options = args.session_options(&model);
     let backend = PreparedBackend::build(args.backend, &model, options.threads)?;
     let mut session = Session::with_backend(&model, options, backend.backend())?;
@@ -326,6 +401,20 @@ fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Resul
     print_prefill_mode(&model, predicted);
     print_routing(&session);
     Ok(())
+}
+
+/// The ids of a prompt: BOS first when the vocabulary asks for it
+/// (`tokenizer.ggml.add_bos_token`) and the text does not already begin with it (chat
+/// templates often write it themselves), then the text; special-token texts are parsed
+/// when `special`.
+fn prompt_tokens(tokenizer: &Tokenizer, text: &str, special: bool) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    let encoded = tokenizer.encode(text, special);
+    if tokenizer.add_bos() && encoded.first() != Some(&tokenizer.bos()) {
+        tokens.push(tokenizer.bos());
+    }
+    tokens.extend(encoded);
+    tokens
 }
 
 /// Says how the prompt was prefilled, beside the TTFT.

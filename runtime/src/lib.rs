@@ -29,6 +29,7 @@ extern crate std;
 pub mod arch;
 pub mod backend;
 pub mod config;
+pub mod error;
 pub mod forward;
 pub mod gguf;
 pub mod gguf_writer;
