@@ -389,7 +389,8 @@ mod tests {
             let (dim, kv_dim, positions) = (heads * head_dim, kv_heads * head_dim, position + tokens);
             let mut gen = |len: usize| -> Vec<f32> { (0..len).map(|_| noise(&mut seed) * 2.0).collect() };
             let (q, keys, values) = (gen(tokens * dim), gen(positions * kv_dim), gen(positions * kv_dim));
-            let shape = AttentionShape { scale: 0.3, window: Some(window), ..AttentionShape::new(heads, kv_heads, head_dim) };
+            let shape =
+                AttentionShape { scale: 0.3, window: Some(window), ..AttentionShape::new(heads, kv_heads, head_dim) };
             let items = tokens * heads;
             let run = |fk: &FloatKernels, split: usize| {
                 let mut out = vec![0f32; items * head_dim];
@@ -421,11 +422,8 @@ mod tests {
                     let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = w.iter().sum();
                     for i in 0..head_dim {
-                        let expected: f64 = visible
-                            .clone()
-                            .zip(&w)
-                            .map(|(p, w)| w / total * values[p * kv_dim + off + i] as f64)
-                            .sum();
+                        let expected: f64 =
+                            visible.clone().zip(&w).map(|(p, w)| w / total * values[p * kv_dim + off + i] as f64).sum();
                         let got = reference[(t * heads + h) * head_dim + i] as f64;
                         assert!((got - expected).abs() < 2e-5, "window {window} {t}/{h}/{i}: {got} vs {expected}");
                     }
@@ -460,7 +458,10 @@ mod tests {
                 assert_eq!(neox[h * head_dim + i], head[2 * i]);
                 assert_eq!(neox[h * head_dim + half + i], head[2 * i + 1]);
             }
-            assert_eq!(neox[h * head_dim + rope_dim..(h + 1) * head_dim], x[h * head_dim + rope_dim..(h + 1) * head_dim]);
+            assert_eq!(
+                neox[h * head_dim + rope_dim..(h + 1) * head_dim],
+                x[h * head_dim + rope_dim..(h + 1) * head_dim]
+            );
         }
     }
 

@@ -33,7 +33,9 @@ pub(super) fn parts(h: &Hyper<'_, '_>, layers: usize, head_dim: usize) -> Result
     };
     let attention: Vec<LayerAttention> = (0..layers)
         .map(|l| match window {
-            Some(w) if l % pattern < pattern - 1 => LayerAttention { rope_base: local_base, window: Some(w), rope_table: 0 },
+            Some(w) if l % pattern < pattern - 1 => {
+                LayerAttention { rope_base: local_base, window: Some(w), rope_table: 0 }
+            }
             _ => LayerAttention { rope_base: global_base, window: None, rope_table: 0 },
         })
         .collect();
