@@ -171,6 +171,8 @@ impl ChatTemplate {
         env.set_formatter(python_formatter);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
+        // Python's `None` (and a number) is not iterable; minijinja iterates `none` as empty.
+        env.add_test("iterable", |v: &Value| !v.is_none() && v.try_iter().is_ok());
         env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(source))
             .map_err(|e| TemplateError::Syntax { line: e.line(), message: describe(&e) })?;
         Ok(ChatTemplate { env })
