@@ -2,7 +2,8 @@
 //! `Jinja2ChatFormatter` (goldens in `testdata/llama_cpp/chat/golden/`, written by
 //! `scripts/make_golden_chat.py`; see its doc for how the reference is set up).
 //!
-//! - `model_file_templates_match_python`: the templates stored in the model files'
+//! - `smollm2_file_template_matches_python`, `qwen2_5_coder_file_template_matches_python`:
+//!   the templates stored in the model files'
 //!   `tokenizer.chat_template` (SmolLM2, Qwen2.5-Coder), read with Petrel's own GGUF reader
 //!   from `$PETREL_HOME` (default `~/.cache/petrel`); a missing file fails the test.
 //! - `committed_templates_match_python`: the template sources copied into
@@ -131,12 +132,6 @@ fn assert_clean(tally: &Tally, what: &str) {
     );
 }
 
-/// (golden name, model file) of the model files whose own template is checked.
-const MODEL_FILES: &[(&str, &str)] = &[
-    ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ("Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
-];
-
 /// The template and the BOS/EOS token texts stored in a GGUF file.
 fn gguf_template(path: &Path) -> (String, String, String) {
     let map = MappedFile::open(path).unwrap_or_else(|e| {
@@ -157,15 +152,26 @@ fn gguf_template(path: &Path) -> (String, String, String) {
     (source.to_string(), token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"))
 }
 
-#[test]
-fn model_file_templates_match_python() {
+/// Compares the template stored in model file `file` (in `$PETREL_HOME`) with golden
+/// `name`, and with the copy committed in testdata.
+fn check_model_file(name: &str, file: &str) {
+    let (source, bos, eos) = gguf_template(&petrel_home().join(file));
+    let committed = testdata().join("templates").join(format!("{name}.jinja"));
+    assert_eq!(std::fs::read_to_string(&committed).ok().as_deref(), Some(source.as_str()), "{}", committed.display());
     let mut tally = Tally::default();
-    for (name, file) in MODEL_FILES {
-        let (source, bos, eos) = gguf_template(&petrel_home().join(file));
-        compare(name, &source, Some((&bos, &eos)), &mut tally);
-    }
-    assert_clean(&tally, "model files");
-    assert_eq!(tally.matched, 3 * MODEL_FILES.len());
+    compare(name, &source, Some((&bos, &eos)), &mut tally);
+    assert_clean(&tally, file);
+    assert_eq!(tally.matched, 3, "{file}: all three conversations render as in python");
+}
+
+#[test]
+fn smollm2_file_template_matches_python() {
+    check_model_file("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf");
+}
+
+#[test]
+fn qwen2_5_coder_file_template_matches_python() {
+    check_model_file("Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
 }
 
 #[test]
@@ -210,8 +216,9 @@ fn llama_src() -> PathBuf {
     };
     assert!(
         dir.join("models/templates").is_dir(),
-        "{}/models/templates is missing: unpack the llama-cpp-python 0.3.36 sdist into \
-         $PETREL_HOME/llama-sdist/ or set PETREL_LLAMA_SRC to its vendor/llama.cpp",
+        "{}/models/templates is missing: run scripts/fetch_llama_templates.sh (unpacks the \
+         llama-cpp-python 0.3.36 sdist's templates into $PETREL_HOME/llama-sdist/), or set \
+         PETREL_LLAMA_SRC to a vendor/llama.cpp",
         dir.display()
     );
     dir
