@@ -17,7 +17,7 @@
 
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
-use petrel_runtime::tokenizer::{ChatMessage, ChatTemplate, RenderOptions, TemplateError, Tokenizer};
+use petrel_runtime::tokenizer::{ChatMessage, ChatTemplate, RenderOptions, TemplateError, TemplateValue, Tokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -332,4 +332,15 @@ fn errors_name_the_problem() {
 
     let e = error_of("{{ messages.nope.deeper }}");
     assert!(matches!(e, TemplateError::Render { .. }), "{e:?}");
+}
+
+#[test]
+fn extra_variables_reach_the_template() {
+    // Expected: llama-cpp-python's Jinja2ChatFormatter called with enable_thinking=False.
+    let path = testdata().join("templates/Qwen-Qwen3-0.6B.jinja");
+    let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{} ({e})", path.display()));
+    let mut options = RenderOptions::new(true, "<|im_start|>", "<|im_end|>");
+    options.extra.push(("enable_thinking".into(), TemplateValue::Bool(false)));
+    let out = ChatTemplate::new(&source).and_then(|t| t.render(&[ChatMessage::user("Hi")], &options));
+    assert_eq!(out.as_deref(), Ok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"));
 }

@@ -313,7 +313,8 @@ impl Tokenizer {
     /// Encode the result with special tokens parsed. A template may start the prompt with
     /// the BOS text itself (Llama 3, Gemma, ...): then do not push [`Tokenizer::bos`] too
     /// (llama-cpp-python adds no BOS to a template's prompt). Errors come only from the
-    /// template (it does not compile, it raises, or it fails to render).
+    /// template (it does not compile, it raises, or it fails to render). The template is
+    /// compiled on each call; see [`Tokenizer::compile_chat_template`] to keep it.
     #[cfg(feature = "std")]
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
         self.render_chat_with(messages, &self.render_options(add_generation_prompt))
@@ -328,6 +329,13 @@ impl Tokenizer {
             Some(source) => ChatTemplate::new(source)?.render(messages, options),
             None => Ok(format_chat(messages, options.add_generation_prompt)),
         }
+    }
+
+    /// The file's template compiled once, for callers that render many prompts (a chat
+    /// loop): `None` if the file has none (then use [`format_chat`]).
+    #[cfg(feature = "std")]
+    pub fn compile_chat_template(&self) -> Option<Result<ChatTemplate, TemplateError>> {
+        self.chat_template.as_deref().map(ChatTemplate::new)
     }
 
     /// Whether [`Tokenizer::render_chat`] uses the file's template (`true`) or ChatML.

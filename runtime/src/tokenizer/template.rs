@@ -680,6 +680,15 @@ mod tests {
     }
 
     #[test]
+    fn tojson_and_printing_match_jinja2() {
+        // Expected: jinja2 3.1.6 through llama-cpp-python's Jinja2ChatFormatter.
+        let source = r#"{{ {'b': [1, 2.5, none, true], 'a': {'x': "q\"\n\t\u0001é"}}|tojson(indent=2, sort_keys=true) }}|{{ messages|tojson(separators=(',', ':')) }}|{{ 'é'|tojson(ensure_ascii=true) }}|{{ [] |tojson }}{{ {}|tojson(indent=4) }}|{{ 3.0 }}|{{ messages[0] }}|{{ "it's" ~ [ "it's" ] }}"#;
+        let expected = "{\n  \"a\": {\n    \"x\": \"q\\\"\\n\\t\\u0001é\"\n  },\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ]\n}\
+                        |[{\"role\":\"user\",\"content\":\"x\"}]|\"\\u00e9\"|[]{}|3.0|{'role': 'user', 'content': 'x'}|it's[\"it's\"]";
+        assert_eq!(render(source, &[ChatMessage::user("x")]).as_deref(), Ok(expected));
+    }
+
+    #[test]
     fn generation_tags_pass_through() {
         let out = render("a{%- generation -%}  b  {%- endgeneration %}c", &[]);
         assert_eq!(out.as_deref(), Ok("abc"));
