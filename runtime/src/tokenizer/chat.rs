@@ -3,6 +3,9 @@
 //! SmolLM2-Instruct (and Qwen, and most small chat models) are trained on ChatML. The
 //! file's Jinja template also inserts a default system prompt when the first message is
 //! not a system message; [`format_chat`] does not — pass a system message to have one.
+//! With `std`, [`Tokenizer::render_chat`](super::Tokenizer::render_chat) runs the file's
+//! template instead when there is one (module `template`); ChatML stays the no_std format
+//! and the fallback for files without a template.
 
 use alloc::string::String;
 

@@ -13,7 +13,9 @@
 //! that want it push [`Tokenizer::bos`] when [`Tokenizer::add_bos`] says so.
 //!
 //! Decoding maps ids back to bytes ([`Tokenizer::token_bytes`]); [`StreamDecoder`] does it
-//! token by token, and [`format_chat`] builds ChatML prompts.
+//! token by token. Chat prompts: [`format_chat`] builds ChatML (no_std, and the fallback);
+//! with `std`, [`ChatTemplate`] renders a file's Jinja `tokenizer.chat_template` as
+//! llama-cpp-python does, and [`Tokenizer::render_chat`] picks between the two.
 
 mod bpe;
 mod byte_level;
@@ -22,6 +24,8 @@ mod error;
 mod pre_tokenizer;
 mod special;
 mod stream;
+#[cfg(feature = "std")]
+mod template;
 mod vocab;
 
 pub use byte_level::{byte_to_char, char_to_byte};
@@ -29,6 +33,8 @@ pub use chat::{format_chat, format_chat_into, ChatMessage};
 pub use error::TokenizerError;
 pub use pre_tokenizer::PreTokenizer;
 pub use stream::StreamDecoder;
+#[cfg(feature = "std")]
+pub use template::{ChatTemplate, RenderOptions, TemplateError, TemplateValue};
 pub use vocab::TokenType;
 
 use crate::gguf::{GgufFile, Value};
@@ -281,10 +287,61 @@ impl Tokenizer {
         self.pre_tokenizer
     }
 
-    /// The file's Jinja chat template (`tokenizer.chat_template`), if any. Petrel does not
-    /// run it; see [`format_chat`].
+    /// The file's Jinja chat template (`tokenizer.chat_template`), if any. With `std`,
+    /// [`Tokenizer::render_chat`] runs it; without, only [`format_chat`] (ChatML) exists.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// [`RenderOptions`] for this vocabulary: `bos_token` and `eos_token` are the stored
+    /// texts of [`Tokenizer::bos`] and [`Tokenizer::eos`] (as llama-cpp-python passes
+    /// them), no fixed time, no extra variables.
+    #[cfg(feature = "std")]
+    pub fn render_options(&self, add_generation_prompt: bool) -> RenderOptions {
+        RenderOptions::new(
+            add_generation_prompt,
+            self.token_text(self.bos).unwrap_or_default(),
+            self.token_text(self.eos).unwrap_or_default(),
+        )
+    }
+
+    /// Builds the prompt for `messages`: with the file's `tokenizer.chat_template` when it
+    /// has one (rendered by [`ChatTemplate`] with [`Tokenizer::render_options`]), else
+    /// ChatML ([`format_chat`]). Pass a `"system"` message first to set the system prompt;
+    /// without one the template adds its own default, if it has one (ChatML adds none).
+    ///
+    /// Encode the result with special tokens parsed. A template may start the prompt with
+    /// the BOS text itself (Llama 3, Gemma, ...): then do not push [`Tokenizer::bos`] too
+    /// (llama-cpp-python adds no BOS to a template's prompt). Errors come only from the
+    /// template (it does not compile, it raises, or it fails to render). The template is
+    /// compiled on each call; see [`Tokenizer::compile_chat_template`] to keep it.
+    #[cfg(feature = "std")]
+    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_chat_with(messages, &self.render_options(add_generation_prompt))
+    }
+
+    /// [`Tokenizer::render_chat`] with explicit options (e.g. a fixed time for
+    /// `strftime_now`, or extra variables such as `enable_thinking`). Without a template,
+    /// ChatML is used and only `options.add_generation_prompt` matters.
+    #[cfg(feature = "std")]
+    pub fn render_chat_with(&self, messages: &[ChatMessage], options: &RenderOptions) -> Result<String, TemplateError> {
+        match &self.chat_template {
+            Some(source) => ChatTemplate::new(source)?.render(messages, options),
+            None => Ok(format_chat(messages, options.add_generation_prompt)),
+        }
+    }
+
+    /// The file's template compiled once, for callers that render many prompts (a chat
+    /// loop): `None` if the file has none (then use [`format_chat`]).
+    #[cfg(feature = "std")]
+    pub fn compile_chat_template(&self) -> Option<Result<ChatTemplate, TemplateError>> {
+        self.chat_template.as_deref().map(ChatTemplate::new)
+    }
+
+    /// Whether [`Tokenizer::render_chat`] uses the file's template (`true`) or ChatML.
+    #[cfg(feature = "std")]
+    pub fn uses_chat_template(&self) -> bool {
+        self.chat_template.is_some()
     }
 }
 

@@ -295,3 +295,29 @@ mod properties {
         }
     }
 }
+
+#[cfg(feature = "std")]
+#[test]
+fn render_chat_uses_the_file_template_else_chatml() {
+    let template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}\
+                    {% if add_generation_prompt %}[assistant]{% endif %}";
+    let bytes = toy_file("smollm", |e| e[9].1 = Meta::Str(template));
+    let t = load(&bytes).unwrap();
+    assert!(t.uses_chat_template());
+    let messages = [ChatMessage::system("S"), ChatMessage::user("U")];
+    let bos = t.token_text(t.bos()).unwrap();
+    let eos = t.token_text(t.eos()).unwrap();
+    assert_eq!(t.render_chat(&messages, true).unwrap(), alloc::format!("{bos}[system]S{eos}[user]U{eos}[assistant]"));
+    assert_eq!(t.render_chat(&messages, false).unwrap(), alloc::format!("{bos}[system]S{eos}[user]U{eos}"));
+
+    let bytes = toy_file("smollm", |e| {
+        e.remove(9);
+    });
+    let t = load(&bytes).unwrap();
+    assert!(!t.uses_chat_template());
+    assert_eq!(t.render_chat(&messages, true).unwrap(), format_chat(&messages, true));
+
+    let bytes = toy_file("smollm", |e| e[9].1 = Meta::Str("{% if %}"));
+    let err = load(&bytes).unwrap().render_chat(&messages, true).unwrap_err();
+    assert!(matches!(err, TemplateError::Syntax { line: Some(1), .. }), "{err:?}");
+}
