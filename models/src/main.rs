@@ -132,7 +132,10 @@ struct GenerationArgs {
     /// A known model name (pulled on first use) or a path to a GGUF file.
     #[arg(long, short, default_value = "smollm2-135m")]
     model: String,
-    /// Optional system prompt for the chat template.
+    /// System prompt, replacing the chat template's default one (Qwen's template, for
+    /// one, adds "You are Qwen…" when the conversation has none). The template is the
+    /// file's `tokenizer.chat_template`, rendered as llama.cpp --jinja / llama-cpp-python
+    /// do; ChatML when the file has none.
     #[arg(long)]
     system: Option<String>,
     /// Most tokens to generate per reply.
@@ -242,6 +245,11 @@ fn pull(name: &str) -> Result<()> {
         let names: Vec<&str> = registry::KNOWN_MODELS.iter().map(|m| m.name).collect();
         bail!("unknown model {name:?} (known: {})", names.join(", "));
     };
+    let cached = registry::cached_path(model)?;
+    if registry::verify(model, &cached).is_ok() {
+        eprintln!("{} is already in the cache ({}), SHA-256 verified", model.name, cached.display());
+        return Ok(());
+    }
     registry::pull(model)?;
     Ok(())
 }
@@ -279,8 +287,10 @@ fn tokenize(
     }
     ids.extend(tokenizer.encode(text, special));
     if json {
-        let pieces: Vec<String> =
-            ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_bytes(id).unwrap_or_default()).into_owned()).collect();
+        let pieces: Vec<String> = ids
+            .iter()
+            .map(|&id| String::from_utf8_lossy(tokenizer.token_bytes(id).unwrap_or_default()).into_owned())
+            .collect();
         writeln!(stdout, "{}", serde_json::json!({ "ids": ids, "pieces": pieces }))?;
     } else {
         let line: Vec<String> = ids.iter().map(u32::to_string).collect();
@@ -374,10 +384,11 @@ fn run(args: &GenerationArgs, raw: bool, token_ids: bool, prompt: &str) -> Resul
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            messages.push(ChatMessage::system(system.clone()));
         }
-        messages.push(ChatMessage { role: "user".into(), content: prompt.to_string() });
-        format_chat(&messages, true)
+        messages.push(ChatMessage::user(prompt));
+        // The file's own template (`tokenizer.chat_template`), ChatML when it has none.
+        model.tokenizer.render_chat(&messages, true).context("cannot render the model's chat template")?
     };
     let tokens = prompt_tokens(&model.tokenizer, &text, !raw);
     let options = args.session_options(&model);
@@ -465,7 +476,21 @@ fn chat(args: &GenerationArgs) -> Result<()> {
         path.display(),
         session.capacity()
     );
-    let mut pending_system = args.system.clone();
+    // Every turn renders the whole conversation with the file's template (ChatML when it
+    // has none) and feeds only what the cache does not hold yet: the tokens after the
+    // longest common prefix of the new prompt and the tokens already fed. Templates differ
+    // in how they close a turn, so nothing about them is assumed.
+    let template = model.tokenizer.compile_chat_template().transpose().context("cannot compile the chat template")?;
+    let render = |messages: &[ChatMessage]| -> Result<String> {
+        let options = model.tokenizer.render_options(true);
+        match &template {
+            Some(t) => t.render(messages, &options).context("cannot render the chat template"),
+            None => Ok(format_chat(messages, true)),
+        }
+    };
+    let fresh_history = || args.system.iter().map(|s| ChatMessage::system(s.clone())).collect::<Vec<_>>();
+    let mut history = fresh_history();
+    let mut fed: Vec<u32> = Vec::new();
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -479,30 +504,46 @@ fn chat(args: &GenerationArgs) -> Result<()> {
             "/quit" | "/exit" => break,
             "/reset" => {
                 session.reset();
-                pending_system = args.system.clone();
+                history = fresh_history();
+                fed.clear();
                 eprintln!("(history cleared)");
                 continue;
             }
             _ => {}
         }
-        let mut messages = Vec::new();
-        if let Some(system) = pending_system.take() {
-            messages.push(ChatMessage { role: "system".into(), content: system });
-        }
-        messages.push(ChatMessage { role: "user".into(), content: line.to_string() });
-        // The previous reply's end-of-turn token was sampled but not fed back: close it.
-        let mut text = if session.position() > 0 { "<|im_end|>\n".to_string() } else { String::new() };
-        text.push_str(&format_chat(&messages, true));
-        let tokens = model.tokenizer.encode(&text, true);
-        let start = session.position();
-        if start + tokens.len() + 1 > session.capacity() {
+        history.push(ChatMessage::user(line));
+        let prompt = match render(&history) {
+            Ok(p) => prompt_tokens(&model.tokenizer, &p, true),
+            Err(e) => {
+                history.pop();
+                eprintln!("error: {e:#}");
+                continue;
+            }
+        };
+        let common = prompt.iter().zip(&fed).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        if prompt.len() + 1 > session.capacity() {
+            history.pop();
             eprintln!("(the conversation no longer fits the context; use /reset)");
             continue;
         }
-        match reply(&mut session, &mut sampler, &tokens, args.max_tokens) {
-            Ok(stats) => stats.print(),
+        session.truncate(common);
+        fed.truncate(common);
+        let start = session.position();
+        match reply(&mut session, &mut sampler, &prompt[common..], args.max_tokens) {
+            Ok(stats) => {
+                stats.print();
+                fed.extend_from_slice(&prompt[common..]);
+                fed.extend_from_slice(&stats.tokens);
+                // The last sampled token (often end-of-turn) was not fed back.
+                fed.truncate(session.position());
+                let said: Vec<u32> =
+                    stats.tokens.iter().copied().filter(|&t| !model.tokenizer.is_end_of_generation(t)).collect();
+                history.push(ChatMessage::assistant(model.tokenizer.decode(&said).trim()));
+            }
             Err(e) => {
                 session.truncate(start);
+                fed.truncate(start);
+                history.pop();
                 eprintln!("error: {e:#}");
             }
         }

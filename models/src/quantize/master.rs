@@ -10,7 +10,7 @@ use petrel_quant::rng::SplitMix64;
 use petrel_runtime::kv_predict::AffineMap;
 use petrel_runtime::linear::Linear;
 use petrel_runtime::model::LayerWeights;
-use petrel_runtime::{ModelConfig, Model};
+use petrel_runtime::{Model, ModelConfig};
 use rayon::prelude::*;
 
 /// A dense f32 matrix, row-major.
