@@ -34,9 +34,9 @@
 
 #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
 mod cortex_m;
-pub mod scalar;
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 mod neon;
+pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

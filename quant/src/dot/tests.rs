@@ -110,3 +110,16 @@ proptest! {
         check_all_isas(format, &row, &x[..units * format.block_len()]);
     }
 }
+
+/// With `PETREL_EXPECT_ISA` (a comma-separated list of `Isa::name`s, as CI sets it), each
+/// named kernel table must be available here, so a bit-identity run cannot silently test
+/// only the reference.
+#[test]
+fn expected_isas_are_available() {
+    let Ok(expected) = std::env::var("PETREL_EXPECT_ISA") else { return };
+    for name in expected.split(',').filter(|n| !n.is_empty()) {
+        let isa = Isa::ALL.into_iter().find(|i| i.name() == name);
+        let isa = isa.unwrap_or_else(|| panic!("PETREL_EXPECT_ISA: unknown ISA {name:?}"));
+        assert!(Kernels::for_isa(isa).is_some(), "PETREL_EXPECT_ISA: {name} is not available on this CPU");
+    }
+}

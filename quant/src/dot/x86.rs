@@ -538,7 +538,11 @@ macro_rules! more_kernels {
                 // SAFETY (all loads below): `block` is one whole super-block (`qs` is 128
                 // bytes at `qs_at`, Q5_K's `qh` 32 bytes at 16), and activation blocks
                 // 8 sb..8 sb + 8 exist in every row.
-                let qh = if FIVE { unsafe { _mm256_loadu_si256(w.add(16) as *const __m256i) } } else { _mm256_setzero_si256() };
+                let qh = if FIVE {
+                    unsafe { _mm256_loadu_si256(w.add(16) as *const __m256i) }
+                } else {
+                    _mm256_setzero_si256()
+                };
                 for g in 0..2 {
                     let (c0, c1) = unsafe {
                         (
@@ -646,7 +650,8 @@ macro_rules! more_kernels {
         }
 
         /// The single-row kernels, indexed by `WeightFormat as usize`.
-        pub(crate) const DOT: [DotFn; 8] = [dot_q4_0, dot_q4_1, dot_q8_0, dot_q5_0, dot_q5_1, dot_q4_k, dot_q5_k, dot_q6_k];
+        pub(crate) const DOT: [DotFn; 8] =
+            [dot_q4_0, dot_q4_1, dot_q8_0, dot_q5_0, dot_q5_1, dot_q4_k, dot_q5_k, dot_q6_k];
         /// The four-row kernels, indexed by `WeightFormat as usize`.
         pub(crate) const DOT4: [Dot4Fn; 8] =
             [dot4_q4_0, dot4_q4_1, dot4_q8_0, dot4_q5_0, dot4_q5_1, dot4_q4_k, dot4_q5_k, dot4_q6_k];
