@@ -1,8 +1,9 @@
 //! Weight matrices and the matrix multiplication on their stored form.
 //!
 //! A [`Linear`] borrows a GGUF tensor of `rows × cols` (ggml dims `[cols, rows]`, each row
-//! contiguous, or a W4 panel layout). Block-quantized weights (Q4_0, Q4_1, Q8_0) are
-//! multiplied against 8-bit activation blocks by `petrel-quant`'s integer kernels; W4
+//! contiguous, or a W4 panel layout). Block-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0 and the K-quants Q4_K, Q5_K, Q6_K) are multiplied against 8-bit activation blocks
+//! by `petrel-quant`'s integer kernels; their f16 scales are checked finite at load; W4
 //! weights ([`petrel_quant::w4`]) against int4/int8 activations scaled per token and weight
 //! group (W4A4, W4A8) or f32 ones (W4A16); F32 and F16 weights against f32 activations.
 //!
@@ -27,7 +28,7 @@ use crate::scheme::{Activations, QuantScheme, SCALES_SUFFIX};
 /// How a weight matrix's elements are stored.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum WeightStorage {
-    /// Blocks of 32 computed on by the integer kernels.
+    /// Blocks of 32 (or K-quant super-blocks of 256) computed on by the integer kernels.
     Quantized(WeightFormat),
     /// Little-endian f32.
     F32,
@@ -43,6 +44,11 @@ impl WeightStorage {
             TensorType::Q4_0 => WeightStorage::Quantized(WeightFormat::Q4_0),
             TensorType::Q4_1 => WeightStorage::Quantized(WeightFormat::Q4_1),
             TensorType::Q8_0 => WeightStorage::Quantized(WeightFormat::Q8_0),
+            TensorType::Q5_0 => WeightStorage::Quantized(WeightFormat::Q5_0),
+            TensorType::Q5_1 => WeightStorage::Quantized(WeightFormat::Q5_1),
+            TensorType::Q4_K => WeightStorage::Quantized(WeightFormat::Q4_K),
+            TensorType::Q5_K => WeightStorage::Quantized(WeightFormat::Q5_K),
+            TensorType::Q6_K => WeightStorage::Quantized(WeightFormat::Q6_K),
             TensorType::F32 => WeightStorage::F32,
             TensorType::F16 => WeightStorage::F16,
             _ => return None,
@@ -51,7 +57,7 @@ impl WeightStorage {
 
     fn row_bytes(self, cols: usize) -> usize {
         match self {
-            WeightStorage::Quantized(f) => cols / BLOCK_LEN * f.block_bytes(),
+            WeightStorage::Quantized(f) => cols / f.block_len() * f.block_bytes(),
             WeightStorage::F32 => cols * 4,
             WeightStorage::F16 => cols * 2,
             WeightStorage::W4(_) => pad_cols(cols) / 2,
@@ -116,12 +122,19 @@ impl<'a> Linear<'a> {
     }
 
     /// Wraps `tensor`, checking that it is a `rows × cols` matrix of a supported
-    /// (non-W4) type.
+    /// (non-W4) type, `cols` a multiple of the type's block length (32, or 256 for the
+    /// K-quants), and, for block formats, that every f16 scale is finite
+    /// ([`blocks::validate_row`]; `BadTensorValues` naming the tensor otherwise).
     pub fn new(tensor: &TensorInfo<'a>, rows: usize, cols: usize) -> Result<Self, ModelError> {
+        let storage = WeightStorage::of(tensor.ty);
+        let block_len = match storage {
+            Some(WeightStorage::Quantized(f)) => f.block_len(),
+            _ => BLOCK_LEN,
+        };
         if tensor.n_dims > 2
             || tensor.dims[0] != cols as u64
             || tensor.dims[1] != rows as u64
-            || !cols.is_multiple_of(BLOCK_LEN)
+            || !cols.is_multiple_of(block_len)
         {
             return Err(ModelError::BadTensorShape {
                 tensor: tensor.name.into(),
@@ -129,8 +142,12 @@ impl<'a> Linear<'a> {
                 found: tensor.shape().to_vec(),
             });
         }
-        let storage = WeightStorage::of(tensor.ty)
-            .ok_or(ModelError::UnsupportedTensorType { tensor: tensor.name.into(), ty: tensor.ty.name() })?;
+        let storage =
+            storage.ok_or(ModelError::UnsupportedTensorType { tensor: tensor.name.into(), ty: tensor.ty.name() })?;
+        if let WeightStorage::Quantized(format) = storage {
+            blocks::validate_row(format, tensor.data)
+                .map_err(|e| ModelError::BadTensorValues { tensor: tensor.name.into(), reason: e.what })?;
+        }
         Ok(Linear { rows, cols, storage, data: tensor.data, w4: None })
     }
 
@@ -144,9 +161,7 @@ impl<'a> Linear<'a> {
     /// The storage's name in reports and errors (`Q4_1`, `F16`, `W4A4`, ...).
     pub fn storage_name(&self) -> &'static str {
         match self.storage {
-            WeightStorage::Quantized(WeightFormat::Q4_0) => "Q4_0",
-            WeightStorage::Quantized(WeightFormat::Q4_1) => "Q4_1",
-            WeightStorage::Quantized(WeightFormat::Q8_0) => "Q8_0",
+            WeightStorage::Quantized(format) => format.name(),
             WeightStorage::F32 => "F32",
             WeightStorage::F16 => "F16",
             WeightStorage::W4(Activations::Float) => "W4A16",
@@ -551,38 +566,50 @@ mod tests {
         (w, x)
     }
 
+    /// Encodes `w` (`rows × cols`) as a tensor of type `ty` (float or block format).
+    fn encode(w: &[f32], cols: usize, ty: TensorType) -> Vec<u8> {
+        match ty {
+            TensorType::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            TensorType::F16 => w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+            _ => {
+                let Some(WeightStorage::Quantized(format)) = WeightStorage::of(ty) else { panic!("{ty:?}") };
+                let row_bytes = format.row_bytes(cols).unwrap();
+                let mut out = vec![0u8; w.len() / cols * row_bytes];
+                for (chunk, row) in out.chunks_exact_mut(row_bytes).zip(w.chunks_exact(cols)) {
+                    quantize_row(format, row, chunk);
+                }
+                out
+            }
+        }
+    }
+
     /// Every block and float storage against a float matmul of the dequantized weights
     /// with the (quantized, for the integer path) activations.
     #[test]
     fn matmul_matches_float_reference_for_every_storage() {
-        let (rows, cols, tokens) = (13, 96, 6);
-        let (w, x) = test_inputs(rows, cols, tokens);
-        let encode = |ty: TensorType| -> Vec<u8> {
-            match ty {
-                TensorType::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                TensorType::F16 => w.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
-                _ => {
-                    let format = match ty {
-                        TensorType::Q4_0 => WeightFormat::Q4_0,
-                        TensorType::Q4_1 => WeightFormat::Q4_1,
-                        _ => WeightFormat::Q8_0,
-                    };
-                    let row_bytes = format.row_bytes(cols).unwrap();
-                    let mut out = vec![0u8; rows * row_bytes];
-                    for (r, chunk) in out.chunks_exact_mut(row_bytes).enumerate() {
-                        quantize_row(format, &w[r * cols..(r + 1) * cols], chunk);
-                    }
-                    out
-                }
-            }
-        };
+        let (rows, tokens) = (13, 6);
         let team = Team::new(2);
-        for ty in [TensorType::F32, TensorType::F16, TensorType::Q4_0, TensorType::Q4_1, TensorType::Q8_0] {
+        for ty in [
+            TensorType::F32,
+            TensorType::F16,
+            TensorType::Q4_0,
+            TensorType::Q4_1,
+            TensorType::Q8_0,
+            TensorType::Q5_0,
+            TensorType::Q5_1,
+            TensorType::Q4_K,
+            TensorType::Q5_K,
+            TensorType::Q6_K,
+        ] {
+            let k_quant = matches!(ty, TensorType::Q4_K | TensorType::Q5_K | TensorType::Q6_K);
+            let cols = if k_quant { 512 } else { 96 };
+            let (w, x) = test_inputs(rows, cols, tokens);
             let mut writer = GgufWriter::new();
-            writer.tensor("w", &[cols as u64, rows as u64], ty, encode(ty));
+            writer.tensor("w", &[cols as u64, rows as u64], ty, encode(&w, cols, ty));
             let bytes = writer.to_bytes();
             let file = GgufFile::parse(&bytes).unwrap();
             let linear = Linear::new(file.tensor("w").unwrap(), rows, cols).unwrap();
+            assert_eq!(linear.storage_name(), ty.name());
             for scalar in [true, false] {
                 let (out, mut act) = run(&linear, &compute(&team, scalar), &x, tokens);
                 act.ensure_q8();
@@ -598,9 +625,10 @@ mod tests {
                             _ => x[t * cols..(t + 1) * cols].to_vec(),
                         };
                         let expected: f32 = dequantized.iter().zip(&xs).map(|(a, b)| a * b).sum();
+                        let scale: f32 = dequantized.iter().zip(&xs).map(|(a, b)| (a * b).abs()).sum();
                         let got = out[t * rows + r];
                         assert!(
-                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                            (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()) + 1e-6 * scale,
                             "{ty:?} {r} {t}: {got} vs {expected}"
                         );
                     }
@@ -609,8 +637,83 @@ mod tests {
         }
     }
 
-    /// A W4 file in the layout `petrel quantize` writes: `rows × cols` weights, the scheme
-    /// metadata, and optionally a corruption applied to the tensors.
+    /// The formats of the Q4_K_M files Petrel runs (Q4_K, Q6_K, Q5_0 next to Q8_0 / F32):
+    /// a matmul on the stored blocks equals the float product of the dequantized weights
+    /// and activations, an embedding lookup dequantizes, a column count that is no
+    /// multiple of 256 is a shape error, and a NaN or infinite scale is rejected at load,
+    /// naming the tensor.
+    #[test]
+    fn k_quant_tensors_multiply_and_bad_scales_are_rejected_at_load() {
+        let (rows, cols, tokens) = (5, 256, 3);
+        let (w, x) = test_inputs(rows, cols, tokens);
+        let types = [TensorType::Q4_K, TensorType::Q6_K, TensorType::Q5_0];
+        let mut writer = GgufWriter::new();
+        for ty in types {
+            writer.tensor(ty.name(), &[cols as u64, rows as u64], ty, encode(&w, cols, ty));
+        }
+        let bytes = writer.to_bytes();
+        let file = GgufFile::parse(&bytes).unwrap();
+        let team = Team::new(1);
+        let compute = compute(&team, false);
+        for ty in types {
+            let linear = Linear::new(file.tensor(ty.name()).unwrap(), rows, cols).unwrap();
+            let (out, mut act) = run(&linear, &compute, &x, tokens);
+            act.ensure_q8();
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                linear.dequantize_row(r, &mut row);
+                let error: f32 = row.iter().zip(&w[r * cols..]).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                // About half a quantization step of the ±1.1 test weights, a whole one
+                // where the symmetric formats clamp the far end (code 31 of -32..31), and
+                // a little for the K-quants' rounded sub-block scales.
+                let bound = match ty {
+                    TensorType::Q4_K => 0.1,
+                    TensorType::Q5_0 => 0.075,
+                    _ => 0.04,
+                };
+                assert!(error < bound, "{ty:?} row {r}: dequantization error {error}");
+                for t in 0..tokens {
+                    let q = act.q8_row(t);
+                    let expected: f64 =
+                        (0..cols).map(|c| row[c] as f64 * (q.scales[c / 32] * q.qs[c] as f32) as f64).sum();
+                    let got = out[t * rows + r] as f64;
+                    assert!(
+                        (got - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+                        "{ty:?} {r} {t}: {got} vs {expected}"
+                    );
+                }
+            }
+        }
+        // 128 columns: two Q5_0 blocks per row, but half a K-quant super-block.
+        let mut writer = GgufWriter::new();
+        writer.tensor("short", &[128, 2], TensorType::Q4_K, vec![0; 144]);
+        let bytes = writer.to_bytes();
+        if let Ok(file) = GgufFile::parse(&bytes) {
+            let err = Linear::new(file.tensor("short").unwrap(), 2, 128).unwrap_err();
+            assert!(matches!(err, ModelError::BadTensorShape { .. }), "{err:?}");
+        }
+        // A NaN `d` in the second Q4_K super-block, an infinite `d` in a Q6_K block, a NaN
+        // `dmin`, a NaN Q5_0 scale.
+        for (ty, at, bits) in [
+            (TensorType::Q4_K, 144, 0x7E00u16),
+            (TensorType::Q6_K, 208, 0x7C00),
+            (TensorType::Q4_K, 2, 0xFE00),
+            (TensorType::Q5_0, 22 * 3, 0x7E01),
+        ] {
+            let mut data = encode(&w, cols, ty);
+            data[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+            let mut writer = GgufWriter::new();
+            writer.tensor("blk.0.ffn_down.weight", &[cols as u64, rows as u64], ty, data);
+            let bytes = writer.to_bytes();
+            let file = GgufFile::parse(&bytes).unwrap();
+            let err = Linear::new(file.tensor("blk.0.ffn_down.weight").unwrap(), rows, cols).unwrap_err();
+            let ModelError::BadTensorValues { tensor, reason } = &err else { panic!("{ty:?}: {err:?}") };
+            assert_eq!(tensor, "blk.0.ffn_down.weight");
+            assert!(reason.starts_with("non-finite"), "{reason}");
+            assert!(err.to_string().contains("blk.0.ffn_down.weight"), "{err}");
+        }
+    }
+
     fn w4_file(
         w: &[f32],
         rows: usize,
@@ -791,7 +894,7 @@ mod tests {
     #[test]
     fn unsupported_types_and_wrong_shapes_are_named_at_load() {
         let mut writer = GgufWriter::new();
-        writer.tensor("k", &[256, 2], TensorType::Q4_K, vec![0; 2 * 144]).tensor(
+        writer.tensor("k", &[256, 2], TensorType::Q2_K, vec![0; 2 * 84]).tensor(
             "f",
             &[32, 2],
             TensorType::F32,
@@ -800,7 +903,7 @@ mod tests {
         let bytes = writer.to_bytes();
         let file = GgufFile::parse(&bytes).unwrap();
         let err = Linear::new(file.tensor("k").unwrap(), 2, 256).unwrap_err();
-        assert_eq!(err, ModelError::UnsupportedTensorType { tensor: "k".into(), ty: "Q4_K" });
+        assert_eq!(err, ModelError::UnsupportedTensorType { tensor: "k".into(), ty: "Q2_K" });
         assert!(matches!(Linear::new(file.tensor("f").unwrap(), 3, 32), Err(ModelError::BadTensorShape { .. })));
     }
 }

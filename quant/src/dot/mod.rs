@@ -3,21 +3,39 @@
 //! # The reference arithmetic
 //!
 //! Every kernel, scalar or SIMD, computes the same thing in the same order, so that the
-//! SIMD versions are **bit-identical** to [`scalar`]:
-//! 1. per block `b`, an exact integer dot product `isum_b` between the weight codes and the
-//!    activation codes (unsigned nibbles for Q4_x, signed bytes for Q8_0);
-//! 2. per block, a float contribution, each product rounded to f32 separately (no FMA):
+//! SIMD versions are **bit-identical** to [`scalar`]. The unit of work is the *activation
+//! block* `b` of 32 values (scale `d_x`, exact code sum `sum_x`); a classic weight block
+//! covers one, a K-quant super-block of 256 weights covers eight (`b = 8 S + s`: sub-block
+//! `s` of super-block `S`, whose 32-weight sub-blocks align with activation blocks).
+//! 1. per activation block `b`, an exact integer dot product `isum_b` between the weight
+//!    codes and the activation codes: unsigned codes for Q4_x (nibbles), Q5_x and Q4_K /
+//!    Q5_K (0..32), signed bytes for Q8_0; for Q6_K the exact
+//!    `scaled_b = sc_{2s} * Σ_{l<16} (q_l - 32) x_l + sc_{2s+1} * Σ_{l>=16} (q_l - 32) x_l`
+//!    with the signed 8-bit sub-scales of its two 16-weight sub-blocks (all in i32: the
+//!    bound is `2 * 128 * 32 * 127 * 16 < 2^31`);
+//! 2. per activation block, a float contribution, each product rounded to f32 separately
+//!    (no FMA), `d_w`, `m_w`, `dmin_w` the block's f16 fields as f32:
 //!    - Q4_0: `(d_w * d_x) * (isum_b - 8 * sum_x)`
-//!    - Q4_1: `(d_w * d_x) * isum_b + (m_w * d_x) * sum_x`
+//!    - Q4_1, Q5_1: `(d_w * d_x) * isum_b + (m_w * d_x) * sum_x`
+//!    - Q5_0: `(d_w * d_x) * (isum_b - 16 * sum_x)`
 //!    - Q8_0: `(d_w * d_x) * isum_b`
-//! 3. contributions accumulate into four lanes, block `b` into lane `b % 4`;
+//!    - Q4_K, Q5_K (sub-block scale `sc_s`, minimum `m_s`, both 6-bit):
+//!      `(d_w * d_x) * (sc_s * isum_b) - (dmin_w * d_x) * (m_s * sum_x)`, the two
+//!      integer products exact in i32 before conversion
+//!    - Q6_K: `(d_w * d_x) * scaled_b`
+//! 3. contributions accumulate into four lanes, activation block `b` into lane `b % 4`, in
+//!    increasing `b`;
 //! 4. the result is `(lane0 + lane1) + (lane2 + lane3)`.
 //!
 //! Four lanes let SIMD kernels reduce four blocks' integer sums with one horizontal add
-//! chain and keep the float accumulation in one 128-bit register.
+//! chain and keep the float accumulation in one 128-bit register; a super-block of eight
+//! activation blocks is exactly two such groups. Every integer step is exact, so a kernel
+//! may compute `isum_b` in any order or decomposition (e.g. as `Σ q x - 32 Σ x`).
 
 #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
 mod cortex_m;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -136,12 +154,11 @@ impl Isa {
 #[derive(Clone, Copy, Debug)]
 pub struct Kernels {
     isa: Isa,
-    q4_0: DotFn,
-    q4_1: DotFn,
-    q8_0: DotFn,
-    q4_0_x4: Dot4Fn,
-    q4_1_x4: Dot4Fn,
-    q8_0_x4: Dot4Fn,
+    /// One kernel per format, indexed by `WeightFormat as usize` (the order of
+    /// [`WeightFormat::ALL`]).
+    dot: [DotFn; 8],
+    /// As `dot`, four activation rows at a time.
+    dot4: [Dot4Fn; 8],
 }
 
 impl Kernels {
@@ -149,56 +166,64 @@ impl Kernels {
     pub const fn scalar() -> Self {
         Kernels {
             isa: Isa::Scalar,
-            q4_0: scalar::dot_q4_0,
-            q4_1: scalar::dot_q4_1,
-            q8_0: scalar::dot_q8_0,
-            q4_0_x4: |row, xs| scalar::dot4(WeightFormat::Q4_0, row, xs),
-            q4_1_x4: |row, xs| scalar::dot4(WeightFormat::Q4_1, row, xs),
-            q8_0_x4: |row, xs| scalar::dot4(WeightFormat::Q8_0, row, xs),
+            dot: [
+                scalar::dot_q4_0,
+                scalar::dot_q4_1,
+                scalar::dot_q8_0,
+                scalar::dot_q5_0,
+                scalar::dot_q5_1,
+                scalar::dot_q4_k,
+                scalar::dot_q5_k,
+                scalar::dot_q6_k,
+            ],
+            dot4: [
+                |row, xs| scalar::dot4(WeightFormat::Q4_0, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q4_1, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q8_0, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q5_0, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q5_1, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q4_K, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q5_K, row, xs),
+                |row, xs| scalar::dot4(WeightFormat::Q6_K, row, xs),
+            ],
         }
     }
 
     /// The kernels for `isa`, or `None` if this CPU (or this build) cannot run them.
     ///
     /// Formats without a kernel for `isa` use the reference (bit-identical anyway): on
-    /// aarch64 all three block formats, on Cortex-M Q4_0 and Q4_1. The table still carries
-    /// `isa`, which the W4 kernels follow (`W4Kernels::for_isa`).
+    /// aarch64 Q4_0, Q4_1 and Q8_0 (NEON covers Q5_0, Q5_1 and the K-quants; i8mm uses the
+    /// dotprod kernels), on Cortex-M everything but Q8_0. The table still carries `isa`,
+    /// which the W4 kernels follow (`W4Kernels::for_isa`).
     pub fn for_isa(isa: Isa) -> Option<Self> {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
-            #[cfg(target_arch = "aarch64")]
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Isa::NeonDot | Isa::NeonI8mm if isa.is_supported() => {
+                let mut k = Kernels { isa, ..Self::scalar() };
+                neon::install(&mut k.dot, &mut k.dot4);
+                Some(k)
+            }
+            #[cfg(all(target_arch = "aarch64", not(target_feature = "neon")))]
             Isa::NeonDot | Isa::NeonI8mm if isa.is_supported() => Some(Kernels { isa, ..Self::scalar() }),
             #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
             Isa::CortexMDsp if isa.is_supported() => {
-                Some(Kernels { isa, q8_0: cortex_m::dot_q8_0_dsp, q8_0_x4: cortex_m::dot4_q8_0_dsp, ..Self::scalar() })
+                let mut k = Kernels { isa, ..Self::scalar() };
+                k.dot[WeightFormat::Q8_0 as usize] = cortex_m::dot_q8_0_dsp;
+                k.dot4[WeightFormat::Q8_0 as usize] = cortex_m::dot4_q8_0_dsp;
+                Some(k)
             }
             #[cfg(all(target_arch = "arm", target_feature = "dsp", feature = "helium"))]
-            Isa::Helium if isa.is_supported() => Some(Kernels {
-                isa,
-                q8_0: cortex_m::dot_q8_0_helium,
-                q8_0_x4: cortex_m::dot4_q8_0_helium,
-                ..Self::scalar()
-            }),
+            Isa::Helium if isa.is_supported() => {
+                let mut k = Kernels { isa, ..Self::scalar() };
+                k.dot[WeightFormat::Q8_0 as usize] = cortex_m::dot_q8_0_helium;
+                k.dot4[WeightFormat::Q8_0 as usize] = cortex_m::dot4_q8_0_helium;
+                Some(k)
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if isa.is_supported() => Some(Kernels {
-                isa,
-                q4_0: x86::dot_q4_0_avx2,
-                q4_1: x86::dot_q4_1_avx2,
-                q8_0: x86::dot_q8_0_avx2,
-                q4_0_x4: x86::dot4_q4_0_avx2,
-                q4_1_x4: x86::dot4_q4_1_avx2,
-                q8_0_x4: x86::dot4_q8_0_avx2,
-            }),
+            Isa::Avx2 if isa.is_supported() => Some(Kernels { isa, dot: x86::AVX2_DOT, dot4: x86::AVX2_DOT4 }),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni if isa.is_supported() => Some(Kernels {
-                isa,
-                q4_0: x86::dot_q4_0_vnni,
-                q4_1: x86::dot_q4_1_vnni,
-                q8_0: x86::dot_q8_0_vnni,
-                q4_0_x4: x86::dot4_q4_0_vnni,
-                q4_1_x4: x86::dot4_q4_1_vnni,
-                q8_0_x4: x86::dot4_q8_0_vnni,
-            }),
+            Isa::Avx512Vnni if isa.is_supported() => Some(Kernels { isa, dot: x86::VNNI_DOT, dot4: x86::VNNI_DOT4 }),
             _ => None,
         }
     }
@@ -217,40 +242,38 @@ impl Kernels {
     /// The kernel for weights in `format`.
     #[inline]
     pub fn for_format(&self, format: WeightFormat) -> DotFn {
-        match format {
-            WeightFormat::Q4_0 => self.q4_0,
-            WeightFormat::Q4_1 => self.q4_1,
-            WeightFormat::Q8_0 => self.q8_0,
-        }
+        self.dot[format as usize]
     }
 
     /// The four-row kernel for weights in `format`.
     #[inline]
     pub fn for_format_x4(&self, format: WeightFormat) -> Dot4Fn {
-        match format {
-            WeightFormat::Q4_0 => self.q4_0_x4,
-            WeightFormat::Q4_1 => self.q4_1_x4,
-            WeightFormat::Q8_0 => self.q8_0_x4,
-        }
+        self.dot4[format as usize]
     }
 
     /// `Σ_j w_j x_j` for one weight row in `format` against one activation row.
     ///
     /// # Panics
-    /// If `row` does not hold exactly `x.blocks()` blocks of `format`.
+    /// If `row` does not hold exactly the blocks of `format` that cover `x.blocks()`
+    /// activation blocks.
     #[inline]
     pub fn dot(&self, format: WeightFormat, row: &[u8], x: Q8Row<'_>) -> f32 {
         (self.for_format(format))(row, x)
     }
 }
 
-/// Checks that `row` and `x` describe the same number of blocks; every kernel calls it
-/// before touching memory, which is what makes the SIMD kernels' unchecked loads sound.
+/// Checks that `row` and `x` describe the same number of weights (for the K-quants a whole
+/// number of super-blocks); every kernel calls it before touching memory, which is what
+/// makes the SIMD kernels' unchecked loads sound. Returns the number of activation blocks.
 #[inline(always)]
 fn check_lengths(format: WeightFormat, row: &[u8], x: &Q8Row<'_>) -> usize {
     let blocks = x.scales.len();
+    let per = format.activation_blocks();
     assert!(
-        row.len() == blocks * format.block_bytes() && x.qs.len() == blocks * crate::BLOCK_LEN && x.sums.len() == blocks,
+        blocks.is_multiple_of(per)
+            && row.len() == blocks / per * format.block_bytes()
+            && x.qs.len() == blocks * crate::BLOCK_LEN
+            && x.sums.len() == blocks,
         "dot product operands disagree in length"
     );
     blocks

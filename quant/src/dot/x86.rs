@@ -2,12 +2,20 @@
 //! 256-bit registers). Both follow the reference arithmetic of the parent module exactly:
 //! integer block sums are exact, four blocks are reduced at a time into one `__m128i`,
 //! and the float contributions are accumulated lane `b % 4` with separate multiply and add.
+//!
+//! Q5_0 / Q5_1 expand `qh`'s bits into bytes (`0x10` where set) and OR them onto the
+//! nibbles, then follow the Q4_x kernels. The K-quant kernels walk one super-block at a
+//! time as two groups of four activation blocks: the codes of a group come from two
+//! 32-byte loads (plus `qh` for Q5_K, six bits from `ql` and `qh` for Q6_K); the 6-bit
+//! scales and minimums (Q4_K, Q5_K) multiply the reduced sums in i32 (`vpmulld`); Q6_K
+//! scales each 16-byte half of a block's eight i32 partial sums by its sub-scale before
+//! the reduction, so `scaled_b` is exact too.
 
 use core::arch::x86_64::*;
 
-use super::{check_lengths, combine_lanes};
+use super::{check_lengths, combine_lanes, Dot4Fn, DotFn};
 use crate::activation::Q8Row;
-use crate::blocks::{WeightFormat, BLOCK_LEN};
+use crate::blocks::{k_scale_min, read_f16, WeightFormat, BLOCK_LEN};
 
 /// True if the AVX2 kernels can run here (AVX2, FMA and F16C).
 pub(super) fn has_avx2() -> bool {
@@ -57,6 +65,42 @@ unsafe fn unpack_nibbles(qs: *const u8) -> __m256i {
     let lo = _mm_and_si128(packed, mask);
     let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
     _mm256_set_m128i(hi, lo)
+}
+
+/// Expands the 32 bits of `bits` into 32 bytes: byte `j` is `0x10` if bit `j` is set,
+/// else 0 (the fifth bit of a Q5_0 / Q5_1 code).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn expand_bits(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+    );
+    // Byte `j % 8` of each group of eight keeps its bit `j % 8` after OR-ing every other bit.
+    let probe = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7FBF_DFEF_F7FB_FDFE));
+    _mm256_and_si256(_mm256_cmpeq_epi8(probe, _mm256_set1_epi8(-1)), _mm256_set1_epi8(0x10))
+}
+
+/// The 32 five-bit codes (0..32) of the Q5_0 / Q5_1 block at `block`, whose `qh` is at byte
+/// `qh_at` and `qs` right after it.
+///
+/// # Safety
+/// `qh_at + 20` readable bytes at `block`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_q5(block: *const u8, qh_at: usize) -> __m256i {
+    // SAFETY: the caller guarantees the block's bytes; both loads are unaligned.
+    let (qh, nibbles) =
+        unsafe { ((block.add(qh_at) as *const u32).read_unaligned(), unpack_nibbles(block.add(qh_at + 4))) };
+    _mm256_or_si256(nibbles, expand_bits(qh))
+}
+
+/// The low and high nibbles of 32 bytes: the codes of K-quant sub-blocks `2c` and `2c + 1`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn split_nibbles(bytes: __m256i) -> (__m256i, __m256i) {
+    let mask = _mm256_set1_epi8(0x0F);
+    (_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask))
 }
 
 /// Sums each of four vectors of eight i32 lanes: returns `[Σp0, Σp1, Σp2, Σp3]`.
@@ -321,6 +365,298 @@ macro_rules! kernels {
         }
     };
 }
+/// Generates, for one way of multiplying unsigned by signed bytes into eight i32 lanes
+/// (`$u8i8`, each lane the sum of four consecutive byte products), the Q5_0, Q5_1, Q4_K,
+/// Q5_K and Q6_K kernels for one activation row and for four, named `dot_q5_0`,
+/// `dot4_q5_0` and so on, and the tables `DOT` / `DOT4` of all eight formats. Every weight
+/// code here is unsigned and below 64, so `vpmaddubsw` cannot saturate
+/// (`2 * 63 * 127 < 2^15`).
+macro_rules! more_kernels {
+    (features = $features:literal, u8xi8 = $u8i8:expr $(,)?) => {
+        /// Checks every row of a four-row call and returns the activation block count.
+        fn check4(format: WeightFormat, row: &[u8], xs: &[Q8Row<'_>]) -> usize {
+            let blocks = check_lengths(format, row, &xs[0]);
+            xs.iter().for_each(|x| assert_eq!(check_lengths(format, row, x), blocks));
+            blocks
+        }
+
+        /// Q5_0 × Q8 (see the parent module for the arithmetic).
+        pub(crate) fn dot_q5_0(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q5_0, row, &x);
+            // SAFETY: `check_lengths` proved the slice sizes the kernel reads, and these
+            // kernels are only reachable through `Kernels::for_isa`, which checked the CPU.
+            unsafe { q5_kernel::<false, 1>(row, &[x], blocks)[0] }
+        }
+
+        /// Q5_1 × Q8.
+        pub(crate) fn dot_q5_1(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q5_1, row, &x);
+            // SAFETY: as for Q5_0.
+            unsafe { q5_kernel::<true, 1>(row, &[x], blocks)[0] }
+        }
+
+        /// Q4_K × Q8.
+        pub(crate) fn dot_q4_k(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q4_K, row, &x);
+            // SAFETY: as for Q5_0.
+            unsafe { k_kernel::<false, 1>(row, &[x], blocks)[0] }
+        }
+
+        /// Q5_K × Q8.
+        pub(crate) fn dot_q5_k(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q5_K, row, &x);
+            // SAFETY: as for Q5_0.
+            unsafe { k_kernel::<true, 1>(row, &[x], blocks)[0] }
+        }
+
+        /// Q6_K × Q8.
+        pub(crate) fn dot_q6_k(row: &[u8], x: Q8Row<'_>) -> f32 {
+            let blocks = check_lengths(WeightFormat::Q6_K, row, &x);
+            // SAFETY: as for Q5_0.
+            unsafe { q6_k_kernel::<1>(row, &[x], blocks)[0] }
+        }
+
+        /// Q5_0 × four Q8 rows.
+        pub(crate) fn dot4_q5_0(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check4(WeightFormat::Q5_0, row, xs);
+            // SAFETY: as for Q5_0, for every row.
+            unsafe { q5_kernel::<false, 4>(row, xs, blocks) }
+        }
+
+        /// Q5_1 × four Q8 rows.
+        pub(crate) fn dot4_q5_1(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check4(WeightFormat::Q5_1, row, xs);
+            // SAFETY: as for Q5_0, for every row.
+            unsafe { q5_kernel::<true, 4>(row, xs, blocks) }
+        }
+
+        /// Q4_K × four Q8 rows.
+        pub(crate) fn dot4_q4_k(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check4(WeightFormat::Q4_K, row, xs);
+            // SAFETY: as for Q5_0, for every row.
+            unsafe { k_kernel::<false, 4>(row, xs, blocks) }
+        }
+
+        /// Q5_K × four Q8 rows.
+        pub(crate) fn dot4_q5_k(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check4(WeightFormat::Q5_K, row, xs);
+            // SAFETY: as for Q5_0, for every row.
+            unsafe { k_kernel::<true, 4>(row, xs, blocks) }
+        }
+
+        /// Q6_K × four Q8 rows.
+        pub(crate) fn dot4_q6_k(row: &[u8], xs: &[Q8Row<'_>; 4]) -> [f32; 4] {
+            let blocks = check4(WeightFormat::Q6_K, row, xs);
+            // SAFETY: as for Q5_0, for every row.
+            unsafe { q6_k_kernel::<4>(row, xs, blocks) }
+        }
+
+        /// Safety: `row` holds `blocks` Q5_0 (Q5_1 with `WITH_MIN`) blocks and every
+        /// `xs[j]` has `blocks` blocks.
+        #[target_feature(enable = $features)]
+        unsafe fn q5_kernel<const WITH_MIN: bool, const N: usize>(
+            row: &[u8],
+            xs: &[Q8Row<'_>; N],
+            blocks: usize,
+        ) -> [f32; N] {
+            let mut acc = [_mm_setzero_ps(); N];
+            let mut b = 0;
+            while b < blocks {
+                let count = (blocks - b).min(4);
+                // SAFETY: blocks b..b + count exist (see `q5_group`).
+                unsafe { q5_group::<WITH_MIN, N>(row, xs, b, count, &mut acc) };
+                b += count;
+            }
+            core::array::from_fn(|j| finish(acc[j]))
+        }
+
+        /// Accumulates blocks `b..b + count` (`count` ≤ 4) against every `xs[j]`; as
+        /// `q4_group`. Safety: those blocks exist in `row` and in every activation row.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn q5_group<const WITH_MIN: bool, const N: usize>(
+            row: &[u8],
+            xs: &[Q8Row<'_>; N],
+            b: usize,
+            count: usize,
+            acc: &mut [__m128; N],
+        ) {
+            let (block_bytes, qh_at) = if WITH_MIN { (24, 4) } else { (22, 2) };
+            let w = row.as_ptr();
+            // SAFETY (all loads below): the caller guarantees the blocks; activation rows
+            // hold 32 bytes of `qs` and one scale and sum per block.
+            let mut n = [_mm256_setzero_si256(); 4];
+            for k in 0..count {
+                n[k] = unsafe { unpack_q5(w.add((b + k) * block_bytes), qh_at) };
+            }
+            let dw = unsafe { load_f16x4(w.add(b * block_bytes), block_bytes, count) };
+            let mw = if WITH_MIN { unsafe { load_f16x4(w.add(b * block_bytes + 2), block_bytes, count) } } else { dw };
+            for j in 0..N {
+                let x = &xs[j];
+                let xq = x.qs.as_ptr();
+                let mut p = [_mm256_setzero_si256(); 4];
+                for k in 0..count {
+                    let v = unsafe { _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i) };
+                    p[k] = $u8i8(n[k], v);
+                }
+                let isum = reduce4(p[0], p[1], p[2], p[3]);
+                let dx = unsafe { load_f32x4(x.scales.as_ptr().add(b), count) };
+                let sx = unsafe { load_i32x4(x.sums.as_ptr().add(b), count) };
+                let dd = _mm_mul_ps(dw, dx);
+                let contribution = if WITH_MIN {
+                    let scaled = _mm_mul_ps(dd, _mm_cvtepi32_ps(isum));
+                    _mm_add_ps(scaled, _mm_mul_ps(_mm_mul_ps(mw, dx), _mm_cvtepi32_ps(sx)))
+                } else {
+                    let centred = _mm_sub_epi32(isum, _mm_slli_epi32(sx, 4));
+                    _mm_mul_ps(dd, _mm_cvtepi32_ps(centred))
+                };
+                acc[j] = accumulate(acc[j], contribution, count);
+            }
+        }
+
+        /// Q4_K (Q5_K with `FIVE`) super-blocks against `N` activation rows.
+        /// Safety: `row` holds `blocks / 8` super-blocks and every `xs[j]` has `blocks`
+        /// activation blocks.
+        #[target_feature(enable = $features)]
+        unsafe fn k_kernel<const FIVE: bool, const N: usize>(
+            row: &[u8],
+            xs: &[Q8Row<'_>; N],
+            blocks: usize,
+        ) -> [f32; N] {
+            let (block_bytes, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
+            let mut acc = [_mm_setzero_ps(); N];
+            for sb in 0..blocks / 8 {
+                let block = &row[sb * block_bytes..(sb + 1) * block_bytes];
+                let (mut sc, mut m) = ([0i32; 8], [0i32; 8]);
+                for s in 0..8 {
+                    let (a, b) = k_scale_min(&block[4..16], s);
+                    (sc[s], m[s]) = (a as i32, b as i32);
+                }
+                let dw = _mm_set1_ps(read_f16(block, 0));
+                let dmin = _mm_set1_ps(read_f16(block, 2));
+                let w = block.as_ptr();
+                // SAFETY (all loads below): `block` is one whole super-block (`qs` is 128
+                // bytes at `qs_at`, Q5_K's `qh` 32 bytes at 16), and activation blocks
+                // 8 sb..8 sb + 8 exist in every row.
+                let qh = if FIVE {
+                    unsafe { _mm256_loadu_si256(w.add(16) as *const __m256i) }
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for g in 0..2 {
+                    let (c0, c1) = unsafe {
+                        (
+                            _mm256_loadu_si256(w.add(qs_at + 64 * g) as *const __m256i),
+                            _mm256_loadu_si256(w.add(qs_at + 64 * g + 32) as *const __m256i),
+                        )
+                    };
+                    let ((n0, n1), (n2, n3)) = (split_nibbles(c0), split_nibbles(c1));
+                    let mut codes = [n0, n1, n2, n3];
+                    if FIVE {
+                        for (k, code) in codes.iter_mut().enumerate() {
+                            let bit = _mm256_set1_epi8((1u8 << (4 * g + k)) as i8);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                            *code = _mm256_or_si256(*code, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+                        }
+                    }
+                    let sc4 = _mm_setr_epi32(sc[4 * g], sc[4 * g + 1], sc[4 * g + 2], sc[4 * g + 3]);
+                    let m4 = _mm_setr_epi32(m[4 * g], m[4 * g + 1], m[4 * g + 2], m[4 * g + 3]);
+                    let b = sb * 8 + 4 * g;
+                    for j in 0..N {
+                        let x = &xs[j];
+                        let xq = x.qs.as_ptr();
+                        let mut p = [_mm256_setzero_si256(); 4];
+                        for k in 0..4 {
+                            let v = unsafe { _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i) };
+                            p[k] = $u8i8(codes[k], v);
+                        }
+                        let isum = _mm_mullo_epi32(reduce4(p[0], p[1], p[2], p[3]), sc4);
+                        let dx = unsafe { _mm_loadu_ps(x.scales.as_ptr().add(b)) };
+                        let sx = unsafe { _mm_loadu_si128(x.sums.as_ptr().add(b) as *const __m128i) };
+                        let mins = _mm_mullo_epi32(sx, m4);
+                        let scaled = _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(isum));
+                        let offset = _mm_mul_ps(_mm_mul_ps(dmin, dx), _mm_cvtepi32_ps(mins));
+                        acc[j] = _mm_add_ps(acc[j], _mm_sub_ps(scaled, offset));
+                    }
+                }
+            }
+            core::array::from_fn(|j| finish(acc[j]))
+        }
+
+        /// Q6_K super-blocks against `N` activation rows. Safety: as `k_kernel`.
+        #[target_feature(enable = $features)]
+        unsafe fn q6_k_kernel<const N: usize>(row: &[u8], xs: &[Q8Row<'_>; N], blocks: usize) -> [f32; N] {
+            let mut acc = [_mm_setzero_ps(); N];
+            let low = _mm256_set1_epi8(0x0F);
+            let offset = _mm256_set1_epi8(32);
+            for sb in 0..blocks / 8 {
+                let block = &row[sb * 210..(sb + 1) * 210];
+                let dw = _mm_set1_ps(read_f16(block, 208));
+                let w = block.as_ptr();
+                for n in 0..2 {
+                    // SAFETY (all loads below): `block` is one whole super-block (`ql` at
+                    // 0, 128 bytes; `qh` at 128, 64 bytes), and activation blocks
+                    // 8 sb..8 sb + 8 exist in every row.
+                    let (ql0, ql1, qh) = unsafe {
+                        (
+                            _mm256_loadu_si256(w.add(64 * n) as *const __m256i),
+                            _mm256_loadu_si256(w.add(64 * n + 32) as *const __m256i),
+                            _mm256_loadu_si256(w.add(128 + 32 * n) as *const __m256i),
+                        )
+                    };
+                    let codes = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(ql0, low),
+                            _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(ql1, low),
+                            _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                            _mm256_and_si256(qh, _mm256_set1_epi8(0x30)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), _mm256_set1_epi8(0x30)),
+                        ),
+                    ];
+                    // Lanes 0..4 of a block's partial sums cover its first 16 weights.
+                    let scales: [__m256i; 4] = core::array::from_fn(|k| {
+                        let s = 192 + 8 * n + 2 * k;
+                        _mm256_set_m128i(
+                            _mm_set1_epi32((block[s + 1] as i8) as i32),
+                            _mm_set1_epi32((block[s] as i8) as i32),
+                        )
+                    });
+                    let b = sb * 8 + 4 * n;
+                    for j in 0..N {
+                        let x = &xs[j];
+                        let xq = x.qs.as_ptr();
+                        let mut p = [_mm256_setzero_si256(); 4];
+                        for k in 0..4 {
+                            let v = unsafe { _mm256_loadu_si256(xq.add((b + k) * BLOCK_LEN) as *const __m256i) };
+                            let centred = _mm256_sub_epi32($u8i8(codes[k], v), $u8i8(offset, v));
+                            p[k] = _mm256_mullo_epi32(centred, scales[k]);
+                        }
+                        let scaled = reduce4(p[0], p[1], p[2], p[3]);
+                        let dx = unsafe { _mm_loadu_ps(x.scales.as_ptr().add(b)) };
+                        acc[j] = _mm_add_ps(acc[j], _mm_mul_ps(_mm_mul_ps(dw, dx), _mm_cvtepi32_ps(scaled)));
+                    }
+                }
+            }
+            core::array::from_fn(|j| finish(acc[j]))
+        }
+
+        /// The single-row kernels, indexed by `WeightFormat as usize`.
+        pub(crate) const DOT: [DotFn; 8] =
+            [dot_q4_0, dot_q4_1, dot_q8_0, dot_q5_0, dot_q5_1, dot_q4_k, dot_q5_k, dot_q6_k];
+        /// The four-row kernels, indexed by `WeightFormat as usize`.
+        pub(crate) const DOT4: [Dot4Fn; 8] =
+            [dot4_q4_0, dot4_q4_1, dot4_q8_0, dot4_q5_0, dot4_q5_1, dot4_q4_k, dot4_q5_k, dot4_q6_k];
+    };
+}
 
 mod avx2 {
     use super::*;
@@ -342,16 +678,17 @@ mod avx2 {
 
     kernels!(
         features = "avx2,fma,f16c",
-        dot_q4_0_avx2,
-        dot_q4_1_avx2,
-        dot_q8_0_avx2,
-        dot4_q4_0_avx2,
-        dot4_q4_1_avx2,
-        dot4_q8_0_avx2,
+        dot_q4_0,
+        dot_q4_1,
+        dot_q8_0,
+        dot4_q4_0,
+        dot4_q4_1,
+        dot4_q8_0,
         u8xi8 = u8xi8,
         i8xi8 = i8xi8,
         i8xi8_sum_correction = |isum: __m128i, _sums: __m128i| isum,
     );
+    more_kernels!(features = "avx2,fma,f16c", u8xi8 = u8xi8);
 }
 
 mod vnni {
@@ -374,17 +711,18 @@ mod vnni {
 
     kernels!(
         features = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        dot_q4_0_vnni,
-        dot_q4_1_vnni,
-        dot_q8_0_vnni,
-        dot4_q4_0_vnni,
-        dot4_q4_1_vnni,
-        dot4_q8_0_vnni,
+        dot_q4_0,
+        dot_q4_1,
+        dot_q8_0,
+        dot4_q4_0,
+        dot4_q4_1,
+        dot4_q8_0,
         u8xi8 = u8xi8,
         i8xi8 = i8xi8,
         i8xi8_sum_correction = |isum: __m128i, sums: __m128i| _mm_sub_epi32(isum, _mm_slli_epi32(sums, 7)),
     );
+    more_kernels!(features = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", u8xi8 = u8xi8);
 }
 
-pub(super) use avx2::{dot4_q4_0_avx2, dot4_q4_1_avx2, dot4_q8_0_avx2, dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2};
-pub(super) use vnni::{dot4_q4_0_vnni, dot4_q4_1_vnni, dot4_q8_0_vnni, dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni};
+pub(super) use avx2::{DOT as AVX2_DOT, DOT4 as AVX2_DOT4};
+pub(super) use vnni::{DOT as VNNI_DOT, DOT4 as VNNI_DOT4};
