@@ -85,7 +85,7 @@ fn toy_file(pre: &str, change: impl FnOnce(&mut Vec<(&'static str, Meta<'static>
     let pre: &'static str = match pre {
         "gpt2" => "gpt2",
         "smollm" => "smollm",
-        _ => "llama-bpe",
+        _ => "falcon",
     };
     let mut entries: Vec<(&'static str, Meta<'static>)> = vec![
         (keys::MODEL, Meta::Str("gpt2")),
@@ -202,11 +202,8 @@ fn errors_are_typed() {
     assert!(load(&toy_file("smollm", remove(keys::TOKEN_TYPE))).is_ok());
     assert_eq!(load(&toy_file("smollm", remove(keys::PRE))).unwrap().pre_tokenizer(), PreTokenizer::Gpt2);
 
-    assert_eq!(
-        load(&toy_file("other", |_| {})).unwrap_err(),
-        TokenizerError::UnsupportedPreTokenizer("llama-bpe".into())
-    );
-    assert_eq!(err(|e| e[0].1 = Meta::Str("llama")), TokenizerError::UnsupportedModel("llama".into()));
+    assert_eq!(load(&toy_file("other", |_| {})).unwrap_err(), TokenizerError::UnsupportedPreTokenizer("falcon".into()));
+    assert_eq!(err(|e| e[0].1 = Meta::Str("bert")), TokenizerError::UnsupportedModel("bert".into()));
     assert_eq!(err(|e| e[0].1 = Meta::U32(3)), TokenizerError::WrongType { key: keys::MODEL, expected: "a string" });
     assert!(matches!(err(|e| e[2].1 = Meta::I32s(vec![1])), TokenizerError::WrongType { key: keys::TOKENS, .. }));
     assert_eq!(
@@ -238,8 +235,8 @@ fn errors_are_typed() {
     assert!(matches!(err(|e| e[8].1 = Meta::U32(1)), TokenizerError::WrongType { key: keys::ADD_BOS, .. }));
     assert!(matches!(err(|e| e[9].1 = Meta::U32(1)), TokenizerError::WrongType { key: keys::CHAT_TEMPLATE, .. }));
     assert_eq!(
-        alloc::format!("{}", TokenizerError::UnsupportedPreTokenizer("qwen2".into())),
-        "pre-tokenizer \"qwen2\" is not supported (supported: \"smollm\", \"gpt2\", \"default\")"
+        alloc::format!("{}", TokenizerError::UnsupportedPreTokenizer("falcon".into())),
+        "pre-tokenizer \"falcon\" is not supported (supported: \"smollm\", \"gpt2\", \"default\", \"qwen2\", \"llama-bpe\" and their llama.cpp aliases)"
     );
 }
 
