@@ -136,7 +136,7 @@ pub fn derive<'a>(texts: impl Iterator<Item = &'a str>, explicit: &ExplicitIds) 
 
     let has = |eog: &[u32], text: &str| eog.iter().any(|&id| text_of(id) == Some(text));
     let has_call = has(&eog, "<|call|>") || has(&eog, "<|calls|>");
-    if has(&eog, "<|end|>") && ((has(&eog, "<|return|>") && has_call) || (has_call && has(&eog, "<|flush|>"))) {
+    if has(&eog, "<|end|>") && has_call && (has(&eog, "<|return|>") || has(&eog, "<|flush|>")) {
         if let Some(end) = eog.iter().copied().find(|&id| text_of(id) == Some("<|end|>")) {
             eog.retain(|&id| id != end);
             type_changes.push((end, TokenType::UserDefined));

@@ -65,7 +65,7 @@ enum Model {
         /// llama.cpp's `ignore_merges` (Llama 3): a word that is a token is that token.
         ignore_merges: bool,
     },
-    Spm(Spm),
+    Spm(alloc::boxed::Box<Spm>),
 }
 
 /// A tokenizer built from a GGUF file. Token ids are `u32`, below
@@ -196,6 +196,7 @@ impl Tokenizer {
 
         let tokens = required(file, keys::TOKENS)?.as_array().ok_or(wrong_type(keys::TOKENS, "an array of strings"))?;
         let texts = || tokens.strings().ok_or(wrong_type(keys::TOKENS, "an array of strings"));
+        let _ = texts()?;
         let mut types = match file.get(keys::TOKEN_TYPE) {
             None => None,
             Some(v) => Some(token_types(v, tokens.len())?),
@@ -258,7 +259,7 @@ impl Tokenizer {
                     None => alloc::vec![0.0; tokens.len()],
                     Some(v) => scores(v, tokens.len())?,
                 };
-                Model::Spm(Spm::new(&vocab, scores, unknown))
+                Model::Spm(alloc::boxed::Box::new(Spm::new(&vocab, scores, unknown)))
             }
         };
 

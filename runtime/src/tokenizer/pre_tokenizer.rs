@@ -31,10 +31,11 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 /// Which pre-tokenizer a vocabulary uses (GGUF `tokenizer.ggml.pre`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
-    /// The GPT-2 pattern alone (`"gpt2"` and `"default"`).
+    /// The GPT-2 pattern alone (`"gpt-2"`, `"mpt"`, and `"gpt2"`, `"default"`; llama.cpp's
+    /// `"default"` adds further expressions, not implemented).
     Gpt2,
     /// Every number character alone, then the GPT-2 pattern (`"smollm"`, and llama.cpp's
-    /// `"starcoder"` and `"refact"`, which use the same expressions).
+    /// `"starcoder"`, `"refact"` and `"command-r"`, which use the same expressions).
     SmolLm,
     /// Llama 3's pattern, digits in groups of up to three (`"llama-bpe"`, `"llama3"`,
     /// `"llama-v3"` and the other names llama.cpp maps to `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
@@ -50,8 +51,8 @@ impl PreTokenizer {
     /// The pre-tokenizer for a `tokenizer.ggml.pre` value, or `None` if unsupported.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
-            "gpt2" | "gpt-2" | "default" => Some(PreTokenizer::Gpt2),
-            "smollm" | "starcoder" | "refact" => Some(PreTokenizer::SmolLm),
+            "gpt2" | "gpt-2" | "default" | "mpt" => Some(PreTokenizer::Gpt2),
+            "smollm" | "starcoder" | "refact" | "command-r" => Some(PreTokenizer::SmolLm),
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
             | "jina-v5-nano" => Some(PreTokenizer::Llama3),
             "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => Some(PreTokenizer::Qwen2),

@@ -106,7 +106,7 @@ impl SpecialTokens {
                     scratch.push(Fragment::Token(id));
                     start = at + special.len();
                     if rstrip {
-                        while start < range.end && text.as_bytes()[start].is_ascii_whitespace_c() {
+                        while start < range.end && c_isspace(text.as_bytes()[start]) {
                             start += 1;
                         }
                     }
@@ -121,14 +121,8 @@ impl SpecialTokens {
 }
 
 /// C's `isspace` in the "C" locale, which llama.cpp uses for stripping.
-trait CSpace {
-    fn is_ascii_whitespace_c(self) -> bool;
-}
-
-impl CSpace for u8 {
-    fn is_ascii_whitespace_c(self) -> bool {
-        matches!(self, b' ' | b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r')
-    }
+fn c_isspace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r')
 }
 
 #[cfg(test)]
