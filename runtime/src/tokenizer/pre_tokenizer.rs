@@ -359,9 +359,27 @@ mod tests {
     }
 
     #[test]
+    fn llama3_and_qwen2_words() {
+        let l = PreTokenizer::Llama3;
+        let q = PreTokenizer::Qwen2;
+        assert_eq!(words(l, "Hello world"), ["Hello", " world"]);
+        assert_eq!(words(l, "1234567"), ["123", "456", "7"]);
+        assert_eq!(words(q, "1234"), ["1", "2", "3", "4"]);
+        assert_eq!(words(l, "IT'S we'LL"), ["IT", "'S", " we", "'LL"]);
+        assert_eq!(words(l, "(hello) \tworld"), ["(hello", ")", " ", "\tworld"]);
+        assert_eq!(words(l, "a\n\n  b"), ["a", "\n\n", " ", " b"]);
+        assert_eq!(words(l, "a  \n b"), ["a", "  \n", " b"]);
+        assert_eq!(words(l, "x ...\n\ny"), ["x", " ...\n\n", "y"]);
+        assert_eq!(words(l, "a   "), ["a", "   "]);
+        assert_eq!(words(l, "a   b"), ["a", "  ", " b"]);
+        assert_eq!(words(l, "'x"), ["'x"]);
+        assert_eq!(words(PreTokenizer::Whole, "a b"), ["a b"]);
+    }
+
+    #[test]
     fn words_cover_the_text() {
         let text = "  It's 12:30 — café's\t\tnaïve  \u{2028}x 👍👍 'LL 're\n\n";
-        for pre in [PreTokenizer::Gpt2, PreTokenizer::SmolLm] {
+        for pre in [PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3, PreTokenizer::Qwen2] {
             let joined: alloc::string::String = words(pre, text).concat();
             assert_eq!(joined, text);
             assert!(words(pre, text).iter().all(|w| !w.is_empty()));
