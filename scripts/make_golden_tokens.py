@@ -9,10 +9,11 @@ Usage (with the venv that bench/llama/setup.sh creates):
 Defaults: model $PETREL_HOME/SmolLM2-135M-Instruct.Q4_1.gguf (PETREL_HOME defaults to
 ~/.cache/petrel), out testdata/llama_cpp/tokens.json. With --all it also writes
 tokens_gemma3.json (gemma-3-270m-q4_k_m.gguf, SentencePiece with byte fallback) and
-tokens_qwen25.json (qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, qwen2 pre-tokenizer). Those
-two are tokenized with add_bos as the model's metadata says (llama_vocab_get_add_bos) and
-special=True, and their metadata also records llama.cpp's BOS/EOS, add_bos and the
-end-of-generation ids (llama_vocab_is_eog over the whole vocabulary).
+tokens_qwen25.json (qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, qwen2 pre-tokenizer), with
+EXTRA_CASES added. Every file is tokenized with add_bos as the model's metadata says
+(llama_vocab_get_add_bos; false for SmolLM2) and special=True, and its metadata also
+records llama.cpp's BOS/EOS/EOT, add_bos/add_eos and the end-of-generation ids
+(llama_vocab_is_eog over the whole vocabulary).
 
 The model's tokenizer is GPT-2 byte-level BPE with the `smollm` pre-tokenizer (digits split
 one by one, no added prefix space). Only the vocabulary is loaded (vocab_only=True).
@@ -168,12 +169,12 @@ def detok(llm: Llama, ids: list) -> str:
 
 
 def write(model: str, out: str, repo: str, full: bool) -> None:
-    """Writes one golden file. `full`: add_bos from the metadata, extra cases, vocab facts."""
+    """Writes one golden file. `full`: with EXTRA_CASES."""
     with open(model, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     llm = Llama(model_path=model, vocab_only=True, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)) if full else False
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
     cases, bad = [], 0
     for text in CASES + (EXTRA_CASES if full else []):
         if text or add_bos:
@@ -195,17 +196,16 @@ def write(model: str, out: str, repo: str, full: bool) -> None:
         "detokenize": "llama_detokenize(ids, remove_special=False, unparse_special=True)",
         "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), repo)] + sys.argv[1:]),
     }
-    if full:
-        n = llama_cpp.llama_vocab_n_tokens(vocab)
-        meta.update({
-            "add_bos": add_bos,
-            "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)),
-            "bos": llama_cpp.llama_vocab_bos(vocab),
-            "eos": llama_cpp.llama_vocab_eos(vocab),
-            "eot": llama_cpp.llama_vocab_eot(vocab),
-            "n_tokens": n,
-            "eog": [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)],
-        })
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    meta.update({
+        "add_bos": add_bos,
+        "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)),
+        "bos": llama_cpp.llama_vocab_bos(vocab),
+        "eos": llama_cpp.llama_vocab_eos(vocab),
+        "eot": llama_cpp.llama_vocab_eot(vocab),
+        "n_tokens": n,
+        "eog": [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)],
+    })
     body = '{\n"metadata": ' + c(meta) + ',\n"cases": [\n' + ",\n".join("  " + c(x) for x in cases) + "\n]\n}\n"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:

@@ -47,20 +47,31 @@ fn ids_of(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Compares Petrel with the golden file: ids (with BOS as the model's metadata says),
-/// decode, streamed decode and the vocabulary's special ids.
-fn check(model_file: &str, golden_file: &str, kind: TokenizerKind) {
-    let t = load(model_file);
-    let g = golden(golden_file);
-    let meta = &g["metadata"];
-    assert_eq!(meta["model_file"].as_str(), Some(model_file));
-    assert_eq!(t.kind(), kind);
+/// Compares the vocabulary's special ids with llama.cpp's (the golden file's metadata).
+fn check_special_ids(t: &Tokenizer, meta: &Value) {
     assert_eq!(Some(t.add_bos()), meta["add_bos"].as_bool(), "add_bos");
     assert_eq!(Some(t.add_eos()), meta["add_eos"].as_bool(), "add_eos");
     assert_eq!(Some(u64::from(t.bos())), meta["bos"].as_u64(), "bos");
     assert_eq!(Some(u64::from(t.eos())), meta["eos"].as_u64(), "eos");
     assert_eq!(Some(u64::from(t.vocab_size())), meta["n_tokens"].as_u64(), "vocabulary size");
     assert_eq!(t.end_of_generation_ids(), ids_of(&meta["eog"]), "end-of-generation ids");
+    // llama.cpp picks its EOT from a hash map when several texts qualify; ours must be
+    // one of the end-of-generation ids either way.
+    if let Some(eot) = t.eot() {
+        assert!(t.is_end_of_generation(eot));
+    }
+    println!("eot: petrel {:?}, llama.cpp {}; eog {:?}", t.eot(), meta["eot"], t.end_of_generation_ids());
+}
+
+/// Compares Petrel with the golden file: ids (with BOS as the model's metadata says),
+/// decode, streamed decode and the vocabulary's special ids.
+fn check(model_file: &str, golden_file: &str, kind: TokenizerKind) {
+    let t = load(model_file);
+    let g = golden(golden_file);
+    let meta = &g["metadata"];
+    check_special_ids(&t, meta);
+    assert_eq!(meta["model_file"].as_str(), Some(model_file));
+    assert_eq!(t.kind(), kind);
 
     let cases = g["cases"].as_array().expect("cases");
     assert!(!cases.is_empty());
@@ -106,6 +117,16 @@ fn qwen25_matches_llama_cpp() {
     check("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "tokens_qwen25.json", TokenizerKind::ByteLevelBpe);
 }
 
+/// SmolLM2's end-of-generation set and special ids, as llama.cpp derives them (its cases
+/// are checked by `tokenizer_llama_cpp.rs`).
+#[test]
+fn smollm2_special_ids_match_llama_cpp() {
+    let t = load("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = golden("tokens.json");
+    check_special_ids(&t, &g["metadata"]);
+    assert!(t.is_end_of_generation(2) && t.is_end_of_generation(0) && !t.is_end_of_generation(1));
+}
+
 /// Long inputs stay fast and round-trip on both vocabularies.
 #[test]
 fn long_texts_round_trip_quickly() {
@@ -113,13 +134,21 @@ fn long_texts_round_trip_quickly() {
         "The quick brown fox jumps over the lazy dog; it's 12:30 — café, naïve, 日本語, 🚀!\n\tfn main() {}\n";
     let text = paragraph.repeat(300);
     for model in ["gemma-3-270m-q4_k_m.gguf", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"] {
-        let t = load(model);
         let start = std::time::Instant::now();
-        let ids = t.encode(&text, false);
-        let elapsed = start.elapsed();
-        println!("{model}: {} bytes -> {} tokens in {elapsed:?}", text.len(), ids.len());
-        assert!(ids.len() > 5_000);
-        assert_eq!(t.decode(&ids), text);
-        assert!(elapsed.as_secs_f64() < 2.0, "{model}: encoding took {elapsed:?}");
+        let t = load(model);
+        println!("{model}: tokenizer loaded in {:?}", start.elapsed());
+        for parse_special in [false, true] {
+            let start = std::time::Instant::now();
+            let ids = t.encode(&text, parse_special);
+            let elapsed = start.elapsed();
+            println!(
+                "{model}: {} bytes -> {} tokens in {elapsed:?} (parse_special {parse_special})",
+                text.len(),
+                ids.len()
+            );
+            assert!(ids.len() > 5_000);
+            assert_eq!(t.decode(&ids), text);
+            assert!(elapsed.as_secs_f64() < 2.0, "{model}: encoding took {elapsed:?}");
+        }
     }
 }
