@@ -83,12 +83,17 @@ impl SpecialTokens {
             return;
         }
         fragments.push(Fragment::Text(0..text.len()));
+        // A cheap filter before the substring search: the bytes the text contains.
+        let mut present = [false; 256];
+        for &b in text.as_bytes() {
+            present[b as usize] = true;
+        }
         for &Special { id, always, rstrip } in &self.tokens {
             if !(parse_special || always) {
                 continue;
             }
             let Some(special) = vocab.text(id) else { continue };
-            if !text.contains(special) {
+            if !special.bytes().all(|b| present[b as usize]) || !text.contains(special) {
                 continue;
             }
             scratch.clear();
