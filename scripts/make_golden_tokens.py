@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Write testdata/llama_cpp/tokens.json: llama.cpp's token ids for tricky strings.
+"""Write testdata/llama_cpp/tokens*.json: llama.cpp's token ids for tricky strings.
 
 Usage (with the venv that bench/llama/setup.sh creates):
 
     $PETREL_HOME/llama-venv/bin/python scripts/make_golden_tokens.py [--model GGUF] [--out FILE]
+    $PETREL_HOME/llama-venv/bin/python scripts/make_golden_tokens.py --all
 
 Defaults: model $PETREL_HOME/SmolLM2-135M-Instruct.Q4_1.gguf (PETREL_HOME defaults to
-~/.cache/petrel), out testdata/llama_cpp/tokens.json.
+~/.cache/petrel), out testdata/llama_cpp/tokens.json. With --all it also writes
+tokens_gemma3.json (gemma-3-270m-q4_k_m.gguf, SentencePiece with byte fallback) and
+tokens_qwen25.json (qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, qwen2 pre-tokenizer), with
+EXTRA_CASES added. Every file is tokenized with add_bos as the model's metadata says
+(llama_vocab_get_add_bos; false for SmolLM2) and special=True, and its metadata also
+records llama.cpp's BOS/EOS/EOT, add_bos/add_eos and the end-of-generation ids
+(llama_vocab_is_eog over the whole vocabulary).
 
 The model's tokenizer is GPT-2 byte-level BPE with the `smollm` pre-tokenizer (digits split
 one by one, no added prefix space). Only the vocabulary is loaded (vocab_only=True).
@@ -118,6 +125,39 @@ CASES = [
 ]
 
 
+# Extra cases for the SentencePiece byte fallback (Gemma) and the qwen2 pre-tokenizer.
+EXTRA_CASES = [
+    "\U00020000\U0002a6a5\u9f98 rare CJK",
+    "\U0001d518\U0001d52b\U0001d526\U0001d520\U0001d52c\U0001d521\U0001d522",
+    "\U0001fae0\U0001f9ac\U0001fabf new emoji",
+    "\x00\x01\x02\x7f controls \x1f\x0b\x0c",
+    "nul\x00inside",
+    "\ue000\uf8ff private use \U000f0000",
+    "\ufeffBOM and \u200d ZWJ \u2060",
+    " " * 37,
+    "x" + " " * 17 + "y",
+    "\t\t\t\tindented\n\t\t\t\t\tmore\n",
+    "\n" * 9,
+    " \n \n\n  \r\n\t \u3000",
+    "for (int i = 0; i < n; ++i) {\n    sum += a[i] * b[i];\n}\n",
+    "SELECT id, name FROM users WHERE age >= 21 ORDER BY name;",
+    "HELLO'S WORLD'LL 'RE 'VE 'M 'D 'T",
+    "12345678901234567890",
+    "\u0661\u0662\u0663 \u0967\u0968 \uff11\uff12 \u2460\u2461 \u00bd",
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n",
+    "<bos>text<eos> <pad> <unk>",
+    "<|fim_prefix|>def f():<|fim_suffix|>\n<|fim_middle|>",
+    "\u2581already escaped\u2581\u2581",
+]
+
+MODELS = [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "tokens.json", False),
+    ("gemma-3-270m-q4_k_m.gguf", "tokens_gemma3.json", True),
+    ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "tokens_qwen25.json", True),
+]
+
+
 def detok(llm: Llama, ids: list) -> str:
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
@@ -128,20 +168,19 @@ def detok(llm: Llama, ids: list) -> str:
     return buf.raw[:n].decode("utf-8", errors="replace")
 
 
-def main() -> int:
-    home = os.environ.get("PETREL_HOME", os.path.expanduser("~/.cache/petrel"))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=os.path.join(home, "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--out", default=os.path.join(repo, "testdata", "llama_cpp", "tokens.json"))
-    args = ap.parse_args()
-
-    with open(args.model, "rb") as f:
+def write(model: str, out: str, repo: str, full: bool) -> None:
+    """Writes one golden file. `full`: with EXTRA_CASES."""
+    with open(model, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    llm = Llama(model_path=args.model, vocab_only=True, verbose=False)
+    llm = Llama(model_path=model, vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
     cases, bad = [], 0
-    for text in CASES:
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True) if text else []
+    for text in CASES + (EXTRA_CASES if full else []):
+        if text or add_bos:
+            ids = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+        else:
+            ids = []
         back = detok(llm, ids)
         cases.append({"text": text, "ids": ids, "detok": back, "roundtrip": back == text})
         if back != text:
@@ -151,17 +190,42 @@ def main() -> int:
     c = lambda v: json.dumps(v, ensure_ascii=False)
     meta = {
         "llama_cpp_python_version": llama_cpp.__version__,
-        "model_file": os.path.basename(args.model),
+        "model_file": os.path.basename(model),
         "model_sha256": digest,
-        "tokenize": "tokenize(text.encode(), add_bos=False, special=True)",
+        "tokenize": f"tokenize(text.encode(), add_bos={add_bos}, special=True)",
         "detokenize": "llama_detokenize(ids, remove_special=False, unparse_special=True)",
         "command": " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), repo)] + sys.argv[1:]),
     }
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    meta.update({
+        "add_bos": add_bos,
+        "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)),
+        "bos": llama_cpp.llama_vocab_bos(vocab),
+        "eos": llama_cpp.llama_vocab_eos(vocab),
+        "eot": llama_cpp.llama_vocab_eot(vocab),
+        "n_tokens": n,
+        "eog": [i for i in range(n) if llama_cpp.llama_vocab_is_eog(vocab, i)],
+    })
     body = '{\n"metadata": ' + c(meta) + ',\n"cases": [\n' + ",\n".join("  " + c(x) for x in cases) + "\n]\n}\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         f.write(body)
-    print(f"wrote {args.out}: {len(cases)} cases, {bad} without round trip", file=sys.stderr)
+    print(f"wrote {out}: {len(cases)} cases, {bad} without round trip", file=sys.stderr)
+
+
+def main() -> int:
+    home = os.environ.get("PETREL_HOME", os.path.expanduser("~/.cache/petrel"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=os.path.join(home, MODELS[0][0]))
+    ap.add_argument("--out", default=os.path.join(repo, "testdata", "llama_cpp", MODELS[0][1]))
+    ap.add_argument("--all", action="store_true", help="write the golden files of all MODELS")
+    args = ap.parse_args()
+    if args.all:
+        for name, out, full in MODELS:
+            write(os.path.join(home, name), os.path.join(repo, "testdata", "llama_cpp", out), repo, full)
+    else:
+        write(args.model, args.out, repo, False)
     return 0
 
 

@@ -10,7 +10,8 @@ pub enum TokenizerError {
     MissingKey(&'static str),
     /// A metadata key holds a value of the wrong type; `expected` describes the right one.
     WrongType { key: &'static str, expected: &'static str },
-    /// `tokenizer.ggml.model` names a tokenizer other than `gpt2` (byte-level BPE).
+    /// `tokenizer.ggml.model` names a tokenizer other than `gpt2` (byte-level BPE) or
+    /// `llama` (SentencePiece).
     UnsupportedModel(String),
     /// `tokenizer.ggml.pre` names a pre-tokenizer this crate does not implement.
     UnsupportedPreTokenizer(String),
@@ -38,10 +39,13 @@ impl fmt::Display for TokenizerError {
                 write!(f, "tokenizer metadata key {key:?} should hold {expected}")
             }
             TokenizerError::UnsupportedModel(m) => {
-                write!(f, "tokenizer model {m:?} is not supported (only \"gpt2\" byte-level BPE is)")
+                write!(f, "tokenizer model {m:?} is not supported (only \"gpt2\" byte-level BPE and \"llama\" SentencePiece are)")
             }
             TokenizerError::UnsupportedPreTokenizer(p) => {
-                write!(f, "pre-tokenizer {p:?} is not supported (supported: \"smollm\", \"gpt2\", \"default\")")
+                write!(
+                    f,
+                    "pre-tokenizer {p:?} is not supported (supported: \"smollm\", \"gpt2\", \"default\", \"qwen2\", \"llama-bpe\" and their llama.cpp aliases)"
+                )
             }
             TokenizerError::EmptyVocabulary => write!(f, "the tokenizer vocabulary is empty"),
             TokenizerError::VocabularyTooLarge(n) => write!(f, "vocabulary of {n} tokens is too large"),

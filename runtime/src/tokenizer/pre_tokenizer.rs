@@ -14,6 +14,16 @@
 //! llama.cpp's `LLAMA_VOCAB_PRE_TYPE_SMOLLM`), then applies the GPT-2 pattern to the text
 //! between numbers — so a whitespace run that ends right before a digit is a word of its
 //! own, whole.
+//!
+//! `qwen2` and `llama3` (Llama 3's, with its aliases) follow llama.cpp's
+//! `unicode_regex_split_custom_qwen2` / `_llama3` for
+//! `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+//! (`qwen2`: `\p{N}` one at a time instead of `{1,3}`): contractions case-insensitive, one
+//! optional non-letter, non-digit, non-newline character before a run of letters, and a
+//! whitespace run split after its last `\r`/`\n`.
+//!
+//! [`PreTokenizer::Whole`] does not split: SentencePiece vocabularies merge over the whole
+//! text fragment.
 
 use core::ops::Range;
 use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
@@ -21,18 +31,31 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 /// Which pre-tokenizer a vocabulary uses (GGUF `tokenizer.ggml.pre`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizer {
-    /// The GPT-2 pattern alone (`"gpt2"` and `"default"`).
+    /// The GPT-2 pattern alone (`"gpt-2"`, `"mpt"`, and `"gpt2"`, `"default"`; llama.cpp's
+    /// `"default"` adds further expressions, not implemented).
     Gpt2,
-    /// Every number character alone, then the GPT-2 pattern (`"smollm"`).
+    /// Every number character alone, then the GPT-2 pattern (`"smollm"`, and llama.cpp's
+    /// `"starcoder"`, `"refact"` and `"command-r"`, which use the same expressions).
     SmolLm,
+    /// Llama 3's pattern, digits in groups of up to three (`"llama-bpe"`, `"llama3"`,
+    /// `"llama-v3"` and the other names llama.cpp maps to `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+    Llama3,
+    /// Qwen2's pattern, every digit alone (`"qwen2"`, `"deepseek-r1-qwen"`, `"kormo"`,
+    /// `"f2llmv2"`, `"megrez"`).
+    Qwen2,
+    /// No split: the whole fragment is one word (SentencePiece vocabularies).
+    Whole,
 }
 
 impl PreTokenizer {
     /// The pre-tokenizer for a `tokenizer.ggml.pre` value, or `None` if unsupported.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
-            "gpt2" | "default" => Some(PreTokenizer::Gpt2),
-            "smollm" => Some(PreTokenizer::SmolLm),
+            "gpt2" | "gpt-2" | "default" | "mpt" => Some(PreTokenizer::Gpt2),
+            "smollm" | "starcoder" | "refact" | "command-r" => Some(PreTokenizer::SmolLm),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+            | "jina-v5-nano" => Some(PreTokenizer::Llama3),
+            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => Some(PreTokenizer::Qwen2),
             _ => None,
         }
     }
@@ -52,6 +75,13 @@ impl PreTokenizer {
                     }
                 }
                 split_gpt2(text, start, text.len(), &mut word);
+            }
+            PreTokenizer::Llama3 => split_llama3(text, 3, &mut word),
+            PreTokenizer::Qwen2 => split_llama3(text, 1, &mut word),
+            PreTokenizer::Whole => {
+                if !text.is_empty() {
+                    word(0..text.len());
+                }
             }
         }
     }
@@ -156,6 +186,119 @@ fn split_gpt2(text: &str, start: usize, end: usize, word: &mut impl FnMut(Range<
     }
 }
 
+/// llama.cpp's `unicode_regex_split_custom_llama3` (`max_digits` 3) and `_qwen2`
+/// (`max_digits` 1) over all of `text`.
+fn split_llama3(text: &str, max_digits: usize, word: &mut impl FnMut(Range<usize>)) {
+    let end = text.len();
+    let char_at = |pos: usize| -> Option<char> { text.get(pos..).and_then(|s| s.chars().next()) };
+    let class_at = |pos: usize| char_at(pos).map(class_of);
+    let next = |pos: usize| pos + char_at(pos).map_or(1, char::len_utf8);
+    let is_newline = |c: char| c == '\r' || c == '\n';
+
+    let mut pos = 0;
+    let mut emit = |from: &mut usize, to: usize| {
+        if to > *from {
+            word(*from..to);
+        }
+        *from = to;
+    };
+    let mut prev_end = 0;
+    while pos < end {
+        let Some(c) = char_at(pos) else { break };
+        let class = class_of(c);
+        let after = next(pos);
+
+        // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+        if c == '\'' && after < end {
+            if let Some(c1) = char_at(after).map(|c| c.to_ascii_lowercase()) {
+                let after1 = next(after);
+                if matches!(c1, 's' | 't' | 'm' | 'd') {
+                    emit(&mut prev_end, after1);
+                    pos = after1;
+                    continue;
+                }
+                if after1 < end {
+                    if let Some(c2) = char_at(after1).map(|c| c.to_ascii_lowercase()) {
+                        if matches!((c1, c2), ('r', 'e') | ('v', 'e') | ('l', 'l')) {
+                            let after2 = next(after1);
+                            emit(&mut prev_end, after2);
+                            pos = after2;
+                            continue;
+                        }
+                    }
+                }
+            }
+        }
+
+        // [^\r\n\p{L}\p{N}]?\p{L}+
+        if !(is_newline(c) || class == Class::Number)
+            && (class == Class::Letter || class_at(after) == Some(Class::Letter))
+        {
+            pos = after;
+            while class_at(pos) == Some(Class::Letter) {
+                pos = next(pos);
+            }
+            emit(&mut prev_end, pos);
+            continue;
+        }
+
+        // \p{N}{1,max_digits}
+        if class == Class::Number {
+            let mut run = 0;
+            while class_at(pos) == Some(Class::Number) {
+                pos = next(pos);
+                run += 1;
+                if run == max_digits {
+                    emit(&mut prev_end, pos);
+                    run = 0;
+                }
+            }
+            emit(&mut prev_end, pos);
+            continue;
+        }
+
+        // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
+        let class2 = if c == ' ' { class_at(after) } else { Some(class) };
+        if matches!(class2, Some(Class::Other) | None) {
+            if c == ' ' {
+                pos = after;
+            }
+            while class_at(pos) == Some(Class::Other) {
+                pos = next(pos);
+            }
+            while char_at(pos).is_some_and(is_newline) {
+                pos = next(pos);
+            }
+            emit(&mut prev_end, pos);
+            continue;
+        }
+
+        // `\s*[\r\n]+`, `\s+(?!\S)`, `\s+`
+        let mut run_end = pos;
+        let mut last = pos;
+        let mut run_len = 0;
+        let mut after_newline = None;
+        while let Some(w) = char_at(run_end).filter(|&w| class_of(w) == Class::Whitespace) {
+            last = run_end;
+            run_end = next(run_end);
+            run_len += 1;
+            if is_newline(w) {
+                after_newline = Some(run_end);
+            }
+        }
+        if let Some(to) = after_newline {
+            pos = to;
+        } else if run_len > 1 && run_end < end {
+            pos = last;
+        } else if run_len > 0 {
+            pos = run_end;
+        } else {
+            pos = after;
+        }
+        emit(&mut prev_end, pos);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,9 +359,27 @@ mod tests {
     }
 
     #[test]
+    fn llama3_and_qwen2_words() {
+        let l = PreTokenizer::Llama3;
+        let q = PreTokenizer::Qwen2;
+        assert_eq!(words(l, "Hello world"), ["Hello", " world"]);
+        assert_eq!(words(l, "1234567"), ["123", "456", "7"]);
+        assert_eq!(words(q, "1234"), ["1", "2", "3", "4"]);
+        assert_eq!(words(l, "IT'S we'LL"), ["IT", "'S", " we", "'LL"]);
+        assert_eq!(words(l, "(hello) \tworld"), ["(hello", ")", " ", "\tworld"]);
+        assert_eq!(words(l, "a\n\n  b"), ["a", "\n\n", " ", " b"]);
+        assert_eq!(words(l, "a  \n b"), ["a", "  \n", " b"]);
+        assert_eq!(words(l, "x ...\n\ny"), ["x", " ...\n\n", "y"]);
+        assert_eq!(words(l, "a   "), ["a", "   "]);
+        assert_eq!(words(l, "a   b"), ["a", "  ", " b"]);
+        assert_eq!(words(l, "'x"), ["'x"]);
+        assert_eq!(words(PreTokenizer::Whole, "a b"), ["a b"]);
+    }
+
+    #[test]
     fn words_cover_the_text() {
         let text = "  It's 12:30 — café's\t\tnaïve  \u{2028}x 👍👍 'LL 're\n\n";
-        for pre in [PreTokenizer::Gpt2, PreTokenizer::SmolLm] {
+        for pre in [PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3, PreTokenizer::Qwen2] {
             let joined: alloc::string::String = words(pre, text).concat();
             assert_eq!(joined, text);
             assert!(words(pre, text).iter().all(|w| !w.is_empty()));

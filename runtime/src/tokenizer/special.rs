@@ -20,25 +20,47 @@ pub enum Fragment {
     Token(u32),
 }
 
+/// One special token and how it is matched.
+#[derive(Clone, Copy, Debug)]
+struct Special {
+    id: u32,
+    /// Matched even when special tokens are not parsed (user-defined tokens).
+    always: bool,
+    /// llama.cpp's `LLAMA_TOKEN_ATTR_RSTRIP`: ASCII whitespace right after a match is
+    /// dropped.
+    rstrip: bool,
+}
+
 /// The vocabulary's special tokens, in the order they are matched.
 #[derive(Clone, Debug, Default)]
 pub struct SpecialTokens {
-    /// `(id, matched even when special tokens are not parsed)`, longest text first.
-    tokens: Vec<(u32, bool)>,
+    /// Longest text first (a stable sort: equal lengths keep id order, as llama.cpp's
+    /// `std::sort` does in practice for the vocabularies tested).
+    tokens: Vec<Special>,
 }
 
 impl SpecialTokens {
     /// Collects the special tokens of `vocab`. Tokens with empty text are left out: they
     /// would match everywhere.
     pub fn new(vocab: &Vocab) -> Self {
-        let mut tokens: Vec<(u32, bool)> = (0..vocab.len())
+        Self::with_rstrip(vocab, |_| false)
+    }
+
+    /// [`SpecialTokens::new`], with `rstrip(id)` telling which tokens swallow the ASCII
+    /// whitespace after them.
+    pub fn with_rstrip(vocab: &Vocab, rstrip: impl Fn(u32) -> bool) -> Self {
+        let mut tokens: Vec<Special> = (0..vocab.len())
             .filter_map(|id| {
                 let ty = vocab.token_type(id)?;
                 let text = vocab.text(id)?;
-                (ty.is_special() && !text.is_empty()).then_some((id, ty == TokenType::UserDefined))
+                (ty.is_special() && !text.is_empty()).then(|| Special {
+                    id,
+                    always: ty == TokenType::UserDefined,
+                    rstrip: rstrip(id),
+                })
             })
             .collect();
-        tokens.sort_by_key(|&(id, _)| core::cmp::Reverse(vocab.text(id).map_or(0, str::len)));
+        tokens.sort_by_key(|s| core::cmp::Reverse(vocab.text(s.id).map_or(0, str::len)));
         SpecialTokens { tokens }
     }
 
@@ -61,12 +83,17 @@ impl SpecialTokens {
             return;
         }
         fragments.push(Fragment::Text(0..text.len()));
-        for &(id, always) in &self.tokens {
+        // A cheap filter before the substring search: the bytes the text contains.
+        let mut present = [false; 256];
+        for &b in text.as_bytes() {
+            present[b as usize] = true;
+        }
+        for &Special { id, always, rstrip } in &self.tokens {
             if !(parse_special || always) {
                 continue;
             }
             let Some(special) = vocab.text(id) else { continue };
-            if !text.contains(special) {
+            if !special.bytes().all(|b| present[b as usize]) || !text.contains(special) {
                 continue;
             }
             scratch.clear();
@@ -83,6 +110,11 @@ impl SpecialTokens {
                     }
                     scratch.push(Fragment::Token(id));
                     start = at + special.len();
+                    if rstrip {
+                        while start < range.end && c_isspace(text.as_bytes()[start]) {
+                            start += 1;
+                        }
+                    }
                 }
                 if start < range.end {
                     scratch.push(Fragment::Text(start..range.end));
@@ -91,6 +123,11 @@ impl SpecialTokens {
             core::mem::swap(fragments, scratch);
         }
     }
+}
+
+/// C's `isspace` in the "C" locale, which llama.cpp uses for stripping.
+fn c_isspace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r')
 }
 
 #[cfg(test)]

@@ -9,8 +9,15 @@ use alloc::vec::Vec;
 /// A character may be split across tokens (most emoji are, in byte-level BPE): its first
 /// bytes are held back until the rest arrive. Bytes that can never form a character are
 /// emitted as U+FFFD. After the first few tokens the decoder does not allocate.
+///
+/// A stream started with [`StreamDecoder::new`] yields exactly the bytes of
+/// [`Tokenizer::decode`] over the same ids: with a space-prefixed (SentencePiece)
+/// vocabulary the first token's leading space is dropped, as llama.cpp's detokenizer
+/// does. [`StreamDecoder::continuing`] keeps it, for tokens that follow a prompt.
 #[derive(Clone, Debug, Default)]
 pub struct StreamDecoder {
+    /// A token was pushed since the stream began.
+    started: bool,
     /// Bytes received but not yet emitted: at most an incomplete character's start.
     pending: Vec<u8>,
     /// The text emitted by the last call.
@@ -18,15 +25,24 @@ pub struct StreamDecoder {
 }
 
 impl StreamDecoder {
-    /// A decoder with nothing pending.
+    /// A decoder with nothing pending, at the start of a text.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A decoder for tokens that continue earlier text (generated after a prompt): the
+    /// first token's leading space is kept.
+    pub fn continuing() -> Self {
+        StreamDecoder { started: true, ..Self::default() }
     }
 
     /// Adds token `id` and returns the text it completes (possibly empty). Ids outside
     /// the vocabulary add nothing. The returned text is valid until the next call.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> &str {
-        self.push_bytes(tokenizer.token_bytes(id).unwrap_or_default())
+        let bytes = tokenizer.token_bytes(id).unwrap_or_default();
+        let bytes = if self.started { bytes } else { tokenizer.strip_space_prefix(bytes) };
+        self.started = true;
+        self.push_bytes(bytes)
     }
 
     /// Adds raw bytes and returns the text they complete (possibly empty).
@@ -59,9 +75,11 @@ impl StreamDecoder {
     }
 
     /// Ends the stream: returns U+FFFD if an incomplete character was pending (else
-    /// nothing) and leaves the decoder empty, ready for a new stream.
+    /// nothing) and leaves the decoder empty, ready for a new stream (at the start of a
+    /// text, as [`StreamDecoder::new`]).
     pub fn finish(&mut self) -> &str {
         self.out.clear();
+        self.started = false;
         if !self.pending.is_empty() {
             self.out.push(char::REPLACEMENT_CHARACTER);
             self.pending.clear();

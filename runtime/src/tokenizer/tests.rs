@@ -85,7 +85,7 @@ fn toy_file(pre: &str, change: impl FnOnce(&mut Vec<(&'static str, Meta<'static>
     let pre: &'static str = match pre {
         "gpt2" => "gpt2",
         "smollm" => "smollm",
-        _ => "llama-bpe",
+        _ => "falcon",
     };
     let mut entries: Vec<(&'static str, Meta<'static>)> = vec![
         (keys::MODEL, Meta::Str("gpt2")),
@@ -202,11 +202,8 @@ fn errors_are_typed() {
     assert!(load(&toy_file("smollm", remove(keys::TOKEN_TYPE))).is_ok());
     assert_eq!(load(&toy_file("smollm", remove(keys::PRE))).unwrap().pre_tokenizer(), PreTokenizer::Gpt2);
 
-    assert_eq!(
-        load(&toy_file("other", |_| {})).unwrap_err(),
-        TokenizerError::UnsupportedPreTokenizer("llama-bpe".into())
-    );
-    assert_eq!(err(|e| e[0].1 = Meta::Str("llama")), TokenizerError::UnsupportedModel("llama".into()));
+    assert_eq!(load(&toy_file("other", |_| {})).unwrap_err(), TokenizerError::UnsupportedPreTokenizer("falcon".into()));
+    assert_eq!(err(|e| e[0].1 = Meta::Str("bert")), TokenizerError::UnsupportedModel("bert".into()));
     assert_eq!(err(|e| e[0].1 = Meta::U32(3)), TokenizerError::WrongType { key: keys::MODEL, expected: "a string" });
     assert!(matches!(err(|e| e[2].1 = Meta::I32s(vec![1])), TokenizerError::WrongType { key: keys::TOKENS, .. }));
     assert_eq!(
@@ -238,8 +235,8 @@ fn errors_are_typed() {
     assert!(matches!(err(|e| e[8].1 = Meta::U32(1)), TokenizerError::WrongType { key: keys::ADD_BOS, .. }));
     assert!(matches!(err(|e| e[9].1 = Meta::U32(1)), TokenizerError::WrongType { key: keys::CHAT_TEMPLATE, .. }));
     assert_eq!(
-        alloc::format!("{}", TokenizerError::UnsupportedPreTokenizer("qwen2".into())),
-        "pre-tokenizer \"qwen2\" is not supported (supported: \"smollm\", \"gpt2\", \"default\")"
+        alloc::format!("{}", TokenizerError::UnsupportedPreTokenizer("falcon".into())),
+        "pre-tokenizer \"falcon\" is not supported (supported: \"smollm\", \"gpt2\", \"default\", \"qwen2\", \"llama-bpe\" and their llama.cpp aliases)"
     );
 }
 
@@ -262,7 +259,7 @@ mod properties {
         /// The pre-tokenizers cover any text with non-empty words.
         #[test]
         fn words_cover_text(text in "\\PC{0,60}|[ \\n\\t'a-z0-9]{0,60}") {
-            for pre in [PreTokenizer::Gpt2, PreTokenizer::SmolLm] {
+            for pre in [PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3, PreTokenizer::Qwen2] {
                 let mut joined = String::new();
                 pre.split(&text, |w| {
                     assert!(!w.is_empty());
@@ -320,4 +317,122 @@ fn render_chat_uses_the_file_template_else_chatml() {
     let bytes = toy_file("smollm", |e| e[9].1 = Meta::Str("{% if %}"));
     let err = load(&bytes).unwrap().render_chat(&messages, true).unwrap_err();
     assert!(matches!(err, TemplateError::Syntax { line: Some(1), .. }), "{err:?}");
+}
+
+/// A SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, a control `<ctl>`, the 256 byte
+/// tokens, then scored pieces.
+fn spm_file(change: impl FnOnce(&mut Vec<(&'static str, Meta<'static>)>)) -> Vec<u8> {
+    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>", "<ctl>"].map(String::from).to_vec();
+    let mut types = vec![2, 3, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(alloc::format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = [("▁", -1.0f32), ("h", -2.0), ("i", -2.0), ("hi", -3.0), ("▁hi", -4.0), ("▁▁", -5.0), ("x", -2.0)];
+    let mut scores = vec![0.0f32; tokens.len()];
+    for (p, s) in pieces {
+        tokens.push(String::from(p));
+        types.push(1);
+        scores.push(s);
+    }
+    let mut score_bytes = Vec::new();
+    for s in &scores {
+        score_bytes.extend_from_slice(&s.to_le_bytes());
+    }
+    let mut entries: Vec<(&'static str, Meta<'static>)> = vec![
+        (keys::MODEL, Meta::Str("llama")),
+        (keys::TOKENS, Meta::Strs(tokens)),
+        (keys::TOKEN_TYPE, Meta::I32s(types)),
+    ];
+    change(&mut entries);
+    let mut file = gguf(&entries);
+    // Append the scores as an f32 array (type 6) and bump the metadata count.
+    let key = keys::SCORES;
+    file.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    file.extend_from_slice(key.as_bytes());
+    file.extend_from_slice(&9u32.to_le_bytes());
+    file.extend_from_slice(&6u32.to_le_bytes());
+    file.extend_from_slice(&(scores.len() as u64).to_le_bytes());
+    file.extend_from_slice(&score_bytes);
+    let count = u64::from_le_bytes(file[16..24].try_into().unwrap()) + 1;
+    file[16..24].copy_from_slice(&count.to_le_bytes());
+    file
+}
+
+#[test]
+fn sentencepiece_defaults_prefix_and_byte_fallback() {
+    let t = load(&spm_file(|_| {})).unwrap();
+    assert_eq!(t.kind(), TokenizerKind::SentencePiece);
+    assert_eq!(t.pre_tokenizer(), PreTokenizer::Whole);
+    // llama.cpp's defaults when the keys are absent.
+    assert_eq!(
+        (t.bos(), t.eos(), t.unknown(), t.add_bos(), t.add_eos(), t.add_space_prefix()),
+        (1, 2, Some(0), true, false, true)
+    );
+    assert!(t.is_end_of_generation(2), "</s> ends generation");
+    let ids = t.encode("hi", false);
+    assert_eq!(texts(&t, &ids), ["▁hi"]);
+    // Not in the vocabulary: bytes.
+    assert_eq!(texts(&t, &t.encode("é", false)), ["▁", "<0xC3>", "<0xA9>"]);
+    // A space prefix again after a special token (parsed), none inside the text.
+    let ids = t.encode("hi<ctl>hi  x", true);
+    assert_eq!(texts(&t, &ids), ["▁hi", "<ctl>", "▁hi", "▁▁", "x"]);
+    assert_eq!(t.decode(&ids), "hi<ctl> hi  x", "the leading space is dropped, the one after <ctl> kept");
+    let mut stream = StreamDecoder::new();
+    let streamed: String = ids.iter().map(|&id| stream.push(&t, id).to_string()).collect();
+    assert_eq!(streamed, t.decode(&ids));
+    let mut stream = StreamDecoder::continuing();
+    assert_eq!(stream.push(&t, ids[0]), " hi");
+    // Unparsed, the control token's text is plain text.
+    assert!(!t.encode("<ctl>", false).contains(&3));
+    assert_eq!(t.decode(&[1, ids[0]]), "<s> hi", "after BOS nothing is stripped");
+}
+
+#[test]
+fn sentencepiece_metadata_overrides() {
+    let t = load(&spm_file(|e| {
+        e.push((keys::ADD_SPACE_PREFIX, Meta::Bool(false)));
+        e.push((keys::ADD_BOS, Meta::Bool(false)));
+        e.push((keys::BOS, Meta::U32(3)));
+    }))
+    .unwrap();
+    assert_eq!((t.bos(), t.add_bos(), t.add_space_prefix()), (3, false, false));
+    assert_eq!(texts(&t, &t.encode("hi", false)), ["hi"]);
+    assert_eq!(t.decode(&t.encode(" hi", false)), " hi");
+    let err = load(&spm_file(|e| e.push((keys::ADD_SPACE_PREFIX, Meta::U32(1))))).unwrap_err();
+    assert_eq!(err, TokenizerError::WrongType { key: keys::ADD_SPACE_PREFIX, expected: "a bool" });
+    let err = load(&spm_file(|e| e.push((keys::EOT, Meta::U32(1_000_000))))).unwrap_err();
+    assert!(matches!(err, TokenizerError::TokenIdOutOfRange { key: keys::EOT, .. }));
+}
+
+#[test]
+fn eot_key_and_detected_tokens_end_generation() {
+    let bytes = toy_file("smollm", |e| e.push((keys::EOT, Meta::U32(1))));
+    let t = load(&bytes).unwrap();
+    assert_eq!(t.eot(), Some(1));
+    assert_eq!(t.end_of_generation_ids(), [0, 1, 2]);
+    let t = toy("smollm");
+    assert_eq!(t.eot(), Some(2), "<|im_end|> comes first among llama.cpp's end-of-turn texts");
+    assert_eq!(t.end_of_generation_ids(), [0, 2]);
+}
+
+#[test]
+fn qwen2_and_llama3_pre_tokenizers_load() {
+    for (name, pre) in
+        [("qwen2", PreTokenizer::Qwen2), ("llama-bpe", PreTokenizer::Llama3), ("llama3", PreTokenizer::Llama3)]
+    {
+        let t = load(&toy_file("smollm", |e| e[1].1 = Meta::Str(name))).unwrap();
+        assert_eq!(t.pre_tokenizer(), pre);
+        assert!(!t.add_bos(), "the file's add_bos_token = false wins");
+        assert_eq!(t.decode(&t.encode("the hell 123 it's", false)), "the hell 123 it's");
+    }
+    let t = load(&toy_file("smollm", |e| {
+        e[1].1 = Meta::Str("llama-bpe");
+        e.retain(|(k, _)| *k != keys::ADD_BOS);
+    }))
+    .unwrap();
+    assert!(t.add_bos(), "llama.cpp's default for llama3");
+    // ignore_merges: a whole word that is a token is taken as is.
+    assert_eq!(texts(&t, &t.encode(" thing", false)), ["Ġt", "h", "in", "g"]);
+    assert_eq!(texts(&t, &t.encode(" the", false)), ["Ġthe"]);
 }

@@ -51,6 +51,24 @@ impl TokenType {
     }
 }
 
+/// How a vocabulary writes ordinary tokens' bytes as text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextForm {
+    /// GPT-2 byte-level BPE: every byte is one printable character ([`byte_level`]).
+    ByteLevel,
+    /// SentencePiece: UTF-8 text with U+2581 `▁` for a space.
+    SentencePiece,
+}
+
+/// The byte a `<0xXX>` token stands for, as llama.cpp's `token_to_byte`.
+pub fn byte_token_value(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
 /// All tokens of a vocabulary, stored in two arenas.
 #[derive(Clone, Debug)]
 pub struct Vocab {
@@ -69,13 +87,27 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// Builds the table from the tokens' texts and (optionally) their types.
+    /// Builds a byte-level table from the tokens' texts and (optionally) their types.
     ///
     /// Duplicate texts are allowed; the lookup then finds the last one, as in llama.cpp.
+    #[cfg(test)]
     pub fn new<'a>(
         texts: impl Iterator<Item = &'a str>,
         types: Option<&[TokenType]>,
         len: usize,
+    ) -> Result<Self, TokenizerError> {
+        Self::with_form(texts, types, len, TextForm::ByteLevel)
+    }
+
+    /// Builds the table for vocabularies of either text form. A token's bytes are what
+    /// llama.cpp's `token_to_piece` gives with special tokens shown: the text itself for
+    /// unknown, control and user-defined tokens; the byte of a `<0xXX>` byte token; the
+    /// decoded text of a normal token; nothing for unused and undefined ones.
+    pub fn with_form<'a>(
+        texts: impl Iterator<Item = &'a str>,
+        types: Option<&[TokenType]>,
+        len: usize,
+        form: TextForm,
     ) -> Result<Self, TokenizerError> {
         if len == 0 {
             return Err(TokenizerError::EmptyVocabulary);
@@ -95,10 +127,21 @@ impl Vocab {
         for (id, token) in texts.take(len).enumerate() {
             let ty = types.and_then(|t| t.get(id).copied()).unwrap_or(TokenType::Normal);
             vocab.text.push_str(token);
-            if ty.is_special() {
-                vocab.bytes.extend_from_slice(token.as_bytes());
-            } else {
-                byte_level::decode_into(token, &mut vocab.bytes);
+            match ty {
+                _ if ty.is_special() => vocab.bytes.extend_from_slice(token.as_bytes()),
+                TokenType::Byte => vocab.bytes.extend(byte_token_value(token)),
+                TokenType::Unused | TokenType::Undefined => {}
+                _ => match form {
+                    TextForm::ByteLevel => byte_level::decode_into(token, &mut vocab.bytes),
+                    TextForm::SentencePiece => {
+                        for (i, part) in token.split('\u{2581}').enumerate() {
+                            if i > 0 {
+                                vocab.bytes.push(b' ');
+                            }
+                            vocab.bytes.extend_from_slice(part.as_bytes());
+                        }
+                    }
+                },
             }
             let text_end = u32::try_from(vocab.text.len()).map_err(|_| TokenizerError::VocabularyTooLarge(len))?;
             let byte_end = u32::try_from(vocab.bytes.len()).map_err(|_| TokenizerError::VocabularyTooLarge(len))?;
