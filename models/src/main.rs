@@ -339,7 +339,7 @@ fn reply(
     max_tokens: usize,
 ) -> Result<ReplyStats> {
     let tokenizer = &session.model().tokenizer;
-    let mut decoder = StreamDecoder::new();
+    let mut decoder = StreamDecoder::continuing();
     let mut stdout = std::io::stdout().lock();
     let start = Instant::now();
     let mut first_token_at = None;
