@@ -25,7 +25,7 @@ pub enum BackendChoice {
 /// A backend built for one model.
 pub enum PreparedBackend {
     /// [`BackendChoice::Native`].
-    Native(NativeBackend),
+    Native(Box<NativeBackend>),
     /// [`BackendChoice::Candle`].
     Candle(Box<CandleBackend>),
     /// [`BackendChoice::Tract`].
@@ -37,7 +37,7 @@ impl PreparedBackend {
     /// backend's reason if it cannot serve the model.
     pub fn build(choice: BackendChoice, model: &Model<'_>, threads: usize) -> Result<Self> {
         Ok(match choice {
-            BackendChoice::Native => PreparedBackend::Native(NativeBackend::detect()),
+            BackendChoice::Native => PreparedBackend::Native(Box::new(NativeBackend::detect())),
             BackendChoice::Candle => PreparedBackend::Candle(Box::new(
                 CandleBackend::new(model, Device::Cpu).context("the candle backend cannot run this model")?,
             )),
@@ -50,7 +50,7 @@ impl PreparedBackend {
     /// The backend, for `Session::with_backend`.
     pub fn backend(&self) -> &dyn Backend {
         match self {
-            PreparedBackend::Native(b) => b,
+            PreparedBackend::Native(b) => b.as_ref(),
             PreparedBackend::Candle(b) => b.as_ref(),
             PreparedBackend::Tract(b) => b.as_ref(),
         }

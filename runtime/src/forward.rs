@@ -1,14 +1,14 @@
 //! The forward pass: token ids in, logits out, reading and extending the KV cache.
 //!
 //! Straight-line code in the manner of llama2.c: embedding, then per block
-//! `x += post_norm(Wo · attention(rope(qk_norm(Wq · norm(x) + bq)), rope(qk_norm(Wk · norm(x)
-//! + bk)), Wv · norm(x) + bv))` and `x += post_norm(Wdown · (act(Wgate · norm(x)) ⊙ (Wup ·
-//! norm(x))))`, then the final norm and the output head. The bracketed parts — biases, Q/K
-//! norms, post-norms, the activation, the RoPE pairing, a sliding window, the embedding
-//! scale — are present or not as the model's [`crate::config::BlockDescription`] and
-//! per-layer [`crate::config::LayerAttention`] say (Llama has none of them). Tokens are
-//! processed in batches of up to `max_batch`; every buffer is allocated once in
-//! [`RunState::new`].
+//! `x += post_norm(Wo · attention(rope(qk_norm(Wq · norm(x) + bq)),
+//! rope(qk_norm(Wk · norm(x) + bk)), Wv · norm(x) + bv))` and
+//! `x += post_norm(Wdown · (act(Wgate · norm(x)) ⊙ (Wup · norm(x))))`, then the final norm
+//! and the output head. The optional parts (biases, Q/K norms, post-norms, the activation,
+//! the RoPE pairing, a sliding window, the embedding scale) are present or not as the
+//! model's [`crate::config::BlockDescription`] and per-layer
+//! [`crate::config::LayerAttention`] say (Llama has none of them). Tokens are processed in
+//! batches of up to `max_batch`; every buffer is allocated once in [`RunState::new`].
 //!
 //! Every member of the thread team runs this code (see [`crate::parallel`]): the cheap
 //! per-token steps (norms, RoPE, SwiGLU on its own rows) on its private [`RunState`], the
