@@ -276,6 +276,23 @@ impl<'a> Linear<'a> {
                     }
                 }
             }
+            (WeightStorage::Quantized(format), _) if tokens == 1 => {
+                // Decode: one activation row against every row of the share, the kernel and
+                // the row slices looked up once (the same kernel calls as the batch path).
+                x.ensure_q8();
+                let (dot, activations) = (compute.kernels.for_format(format), x.q8_row(0));
+                let n = self.storage.row_bytes(self.cols);
+                let rows = &self.data[mine.start * n..mine.end * n];
+                // Prefetch about PREFETCH_BYTES ahead (at least PREFETCH_ROWS rows): short rows
+                // (Gemma's 680-byte head rows) need more rows in flight than long ones.
+                let ahead_rows = (PREFETCH_BYTES / n).max(PREFETCH_ROWS);
+                for (i, (row, o)) in rows.chunks_exact(n).zip(&mut out[mine.clone()]).enumerate() {
+                    if let Some(ahead) = rows.get((i + ahead_rows) * n..(i + ahead_rows + 1) * n) {
+                        petrel_quant::dot::prefetch(ahead);
+                    }
+                    *o = dot(row, activations);
+                }
+            }
             (WeightStorage::Quantized(_), _) => {
                 x.ensure_q8();
                 for r in mine.clone() {
@@ -355,8 +372,11 @@ pub enum Gather {
     None,
 }
 
-/// How many rows ahead of the current one the block matmul prefetches.
+/// How many rows ahead of the current one the block matmul prefetches (at least).
 const PREFETCH_ROWS: usize = 8;
+
+/// How far ahead, in bytes, decode's block matmul prefetches.
+const PREFETCH_BYTES: usize = 16 << 10;
 
 /// A batch of activation rows in f32, and — computed on first use after each
 /// [`ActivationBatch::load`] — quantized to 8-bit blocks (for block weights) or per token and group
