@@ -208,13 +208,16 @@ fn qwen2_logits_and_greedy_continuations_match_llama_cpp() {
 
 const GEMMA3_GOLDEN: &str = include_str!("../../testdata/llama_cpp/golden-gemma3-270m.json");
 const QWEN2_GOLDEN: &str = include_str!("../../testdata/llama_cpp/golden-qwen2.5-coder-0.5b.json");
-/// Measured over Gemma's 357 positions: median 0.55, 95th percentile 1.39, maximum 2.85
+/// Measured over Gemma's 357 positions: median 0.55, 95th percentile 1.39, maximum 2.91
 /// (the chat prompt). Gemma's logits span −64…31 over 262,144 tokens, and besides the
 /// differences named in the module docs llama.cpp quantizes the activations of its K-quant
 /// matrices per 256 values with an f32 scale (Q8_K) where Petrel keeps 8-bit blocks of 32,
 /// and computes GELU from an f16 table; 18 blocks with pre- and post-norms amplify that.
-/// Where the top-1 tokens differ (12 positions) llama.cpp's own margin is under 0.25.
-const GEMMA3_TOLERANCE: Tolerance = Tolerance { logits: 3.5, near_tie: 0.25 };
+/// Where the top-1 tokens differ (11 positions) llama.cpp's own margin is at most 0.26:
+/// the near-tie bound is 0.3 here (0.25 for the other models), raised when the vectorized
+/// GELU — within 2·10⁻⁶ of libm's, where llama.cpp reads GELU from an f16 table — moved one
+/// position's top-1 to a token llama.cpp ranks 0.26 below its own.
+const GEMMA3_TOLERANCE: Tolerance = Tolerance { logits: 3.5, near_tie: 0.3 };
 /// Measured over Qwen's 373 positions: maximum 0.49 (the non-ASCII prompt); the SmolLM2
 /// tolerance holds with a wide margin.
 const QWEN2_TOLERANCE: Tolerance = Tolerance { logits: 2.5, near_tie: 0.25 };

@@ -90,7 +90,7 @@ impl Backend for NativeBackend {
     }
 
     fn geglu(&self, gate: &mut [f32], up: &[f32]) {
-        ops::gelu_tanh_mul(gate, up);
+        self.float.gelu_tanh_mul(gate, up);
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) {
