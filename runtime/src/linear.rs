@@ -1,4 +1,6 @@
-//! Weight matrices and the matrix multiplication on their stored form.
+//! Weight matrices borrowed in their stored form, and the activation batches they are
+//! multiplied with. The products themselves belong to the backends (Petrel's own kernels:
+//! [`crate::backend::native`]); this module knows layouts, shapes and the team's row split.
 //!
 //! A [`Linear`] borrows a GGUF tensor of `rows × cols` (ggml dims `[cols, rows]`, each row
 //! contiguous, or a W4 panel layout). Block-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1,
@@ -19,7 +21,6 @@ use petrel_quant::w4::activation::{quantize_token, ActBits, TokenBatch};
 use petrel_quant::w4::{pad_cols, GroupSize, W4Matrix, W4Shape, PANEL_ROWS};
 use petrel_quant::{blocks, quantize_row_q8, Q8Row, Q8RowMut, WeightFormat, BLOCK_LEN};
 
-use crate::backend::native::NativeBackend;
 use crate::gguf::{GgufFile, TensorInfo, TensorType};
 use crate::model::ModelError;
 use crate::parallel::Member;
@@ -55,7 +56,7 @@ impl WeightStorage {
         })
     }
 
-    fn row_bytes(self, cols: usize) -> usize {
+    pub(crate) fn row_bytes(self, cols: usize) -> usize {
         match self {
             WeightStorage::Quantized(f) => cols / f.block_len() * f.block_bytes(),
             WeightStorage::F32 => cols * 4,
@@ -198,7 +199,7 @@ impl<'a> Linear<'a> {
 
     /// The stored bytes of row `r` (not for W4 matrices, whose rows are interleaved).
     #[inline]
-    fn row(&self, r: usize) -> &'a [u8] {
+    pub(crate) fn row(&self, r: usize) -> &'a [u8] {
         let n = self.storage.row_bytes(self.cols);
         &self.data[r * n..(r + 1) * n]
     }
@@ -246,119 +247,6 @@ impl<'a> Linear<'a> {
             Gather::None => {}
         }
     }
-
-    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
-    /// by token (`out` is `x.tokens() × rows`), on Petrel's own kernels (the native
-    /// backend's product). Each team member computes [`Linear::my_rows`]; `to` says who
-    /// receives the complete result.
-    pub fn matmul_native(
-        &self,
-        compute: &NativeBackend,
-        x: &mut ActivationBatch,
-        out: &mut [f32],
-        member: &Member<'_>,
-        to: Gather,
-    ) {
-        let tokens = x.tokens;
-        debug_assert_eq!(x.cols, self.cols);
-        let out = &mut out[..tokens * self.rows];
-        let mine = self.my_rows(member);
-        match (self.storage, &self.w4) {
-            (WeightStorage::W4(activations), Some(w4)) => {
-                let panels = mine.start / PANEL_ROWS..mine.end / PANEL_ROWS;
-                match activations {
-                    Activations::Quantized { bits, clip } => {
-                        let batch = x.w4_batch(bits, clip, w4.shape().group);
-                        compute.w4.gemm_int(w4, panels, &batch, out, self.rows);
-                    }
-                    Activations::Float => {
-                        compute.w4.gemm_float(w4, panels, x.f32_padded(), tokens, out, self.rows);
-                    }
-                }
-            }
-            (WeightStorage::Quantized(format), _) if tokens == 1 => {
-                // Decode: one activation row against every row of the share, the kernel and
-                // the row slices looked up once (the same kernel calls as the batch path).
-                x.ensure_q8();
-                let (dot, activations) = (compute.kernels.for_format(format), x.q8_row(0));
-                let n = self.storage.row_bytes(self.cols);
-                let rows = &self.data[mine.start * n..mine.end * n];
-                // Prefetch about PREFETCH_BYTES ahead (at least PREFETCH_ROWS rows): short rows
-                // (Gemma's 680-byte head rows) need more rows in flight than long ones.
-                let ahead_rows = (PREFETCH_BYTES / n).max(PREFETCH_ROWS);
-                for (i, (row, o)) in rows.chunks_exact(n).zip(&mut out[mine.clone()]).enumerate() {
-                    if let Some(ahead) = rows.get((i + ahead_rows) * n..(i + ahead_rows + 1) * n) {
-                        petrel_quant::dot::prefetch(ahead);
-                    }
-                    *o = dot(row, activations);
-                }
-            }
-            (WeightStorage::Quantized(_), _) => {
-                x.ensure_q8();
-                for r in mine.clone() {
-                    if r + PREFETCH_ROWS < mine.end {
-                        petrel_quant::dot::prefetch(self.row(r + PREFETCH_ROWS));
-                    }
-                    self.row_times_batch(compute, r, x, out);
-                }
-            }
-            _ => {
-                for r in mine {
-                    self.row_times_batch(compute, r, x, out);
-                }
-            }
-        }
-        self.gather(member, out, tokens, to);
-    }
-
-    /// `out[t * rows + r] = W[r] · x[t]` for every token of the batch (block and float
-    /// storages).
-    #[inline]
-    fn row_times_batch(&self, compute: &NativeBackend, r: usize, x: &ActivationBatch, out: &mut [f32]) {
-        let (row, rows, tokens) = (self.row(r), self.rows, x.tokens);
-        match self.storage {
-            WeightStorage::Quantized(format) => {
-                let kernels = &compute.kernels;
-                let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
-                let mut t = 0;
-                while t + 4 <= tokens {
-                    let xs = [x.q8_row(t), x.q8_row(t + 1), x.q8_row(t + 2), x.q8_row(t + 3)];
-                    for (j, v) in dot4(row, &xs).into_iter().enumerate() {
-                        out[(t + j) * rows + r] = v;
-                    }
-                    t += 4;
-                }
-                for t in t..tokens {
-                    out[t * rows + r] = dot(row, x.q8_row(t));
-                }
-            }
-            WeightStorage::F32 => {
-                // The runtime reads files without `unsafe`, so the little-endian f32
-                // weights are decoded in chunks that the float kernel then multiplies.
-                let mut buf = [0f32; 64];
-                for t in 0..tokens {
-                    let xs = x.f32_row(t);
-                    let mut sum = 0f32;
-                    for (chunk, xc) in row.chunks(4 * buf.len()).zip(xs.chunks(buf.len())) {
-                        for (o, b) in buf.iter_mut().zip(chunk.chunks_exact(4)) {
-                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                        sum += compute.float.dot(&buf[..xc.len()], xc);
-                    }
-                    out[t * rows + r] = sum;
-                }
-            }
-            _ => {
-                for t in 0..tokens {
-                    let mut sum = 0f32;
-                    for (b, &v) in row.chunks_exact(2).zip(x.f32_row(t)) {
-                        sum += half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() * v;
-                    }
-                    out[t * rows + r] = sum;
-                }
-            }
-        }
-    }
 }
 
 /// Which team members need the complete result of a parallel operation.
@@ -371,12 +259,6 @@ pub enum Gather {
     /// Nobody: each member keeps only its own rows ([`Linear::my_rows`] of every token).
     None,
 }
-
-/// How many rows ahead of the current one the block matmul prefetches (at least).
-const PREFETCH_ROWS: usize = 8;
-
-/// How far ahead, in bytes, decode's block matmul prefetches.
-const PREFETCH_BYTES: usize = 16 << 10;
 
 /// A batch of activation rows in f32, and — computed on first use after each
 /// [`ActivationBatch::load`] — quantized to 8-bit blocks (for block weights) or per token and group
@@ -439,7 +321,7 @@ impl ActivationBatch {
     }
 
     /// Quantizes every row to 8-bit blocks of 32 (`cols` must be a multiple of 32).
-    fn ensure_q8(&mut self) {
+    pub(crate) fn ensure_q8(&mut self) {
         if self.q8_ready {
             return;
         }
@@ -460,7 +342,7 @@ impl ActivationBatch {
 
     /// Row `t`, quantized to 8-bit blocks (after [`ActivationBatch::ensure_q8`]).
     #[inline]
-    fn q8_row(&self, t: usize) -> Q8Row<'_> {
+    pub(crate) fn q8_row(&self, t: usize) -> Q8Row<'_> {
         let (b0, b1) = (t * self.cols / BLOCK_LEN, (t + 1) * self.cols / BLOCK_LEN);
         Q8Row {
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
@@ -551,6 +433,7 @@ impl ActivationBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::native::NativeBackend;
     use crate::gguf::{GgufFile, TensorType};
     use crate::gguf_writer::{GgufWriter, MetadataValue};
     use crate::parallel::Team;
@@ -575,7 +458,7 @@ mod tests {
             let mut act = ActivationBatch::new(tokens, linear.cols);
             act.load(x, tokens, linear.cols);
             let mut out = vec![0f32; tokens * linear.rows];
-            linear.matmul_native(native, &mut act, &mut out, member, Gather::All);
+            crate::backend::Backend::matmul(native, linear, &mut act, &mut out, member, Gather::All);
             (out, act)
         })
     }

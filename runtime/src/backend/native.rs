@@ -51,7 +51,7 @@ impl Backend for NativeBackend {
     }
 
     fn matmul(&self, w: &Linear<'_>, x: &mut ActivationBatch, out: &mut [f32], member: &Member<'_>, to: Gather) {
-        w.matmul_native(self, x, out, member, to);
+        matmul::matmul(w, self, x, out, member, to);
     }
 
     fn rms_norm_rows(&self, out: &mut [f32], x: &[f32], gain: &[f32], eps: f32) {
@@ -99,5 +99,134 @@ impl Backend for NativeBackend {
 
     fn top_k(&self, scores: &[f32], k: usize, order: &mut [u32]) {
         routing::select_top_k(scores, k, order);
+    }
+}
+
+/// Petrel's own matrix product on a weight's stored form (the native backend's
+/// [`Backend::matmul`]): integer block dot products, W4 panels, or float rows.
+mod matmul {
+    use petrel_quant::w4::PANEL_ROWS;
+
+    use super::NativeBackend;
+    use crate::linear::{ActivationBatch, Gather, Linear, WeightStorage};
+    use crate::parallel::Member;
+    use crate::scheme::Activations;
+
+    /// How many rows ahead of the current one the block matmul prefetches (at least).
+    const PREFETCH_ROWS: usize = 8;
+
+    /// How far ahead, in bytes, decode's block matmul prefetches.
+    const PREFETCH_BYTES: usize = 16 << 10;
+
+    /// `out[t][r] = Σ_c W[r][c] · x[t][c]` for every token `t` of `x`, written row-major
+    /// by token (`out` is `x.tokens() × rows`), on Petrel's own kernels (the native
+    /// backend's product). Each team member computes [`Linear::my_rows`]; `to` says who
+    /// receives the complete result.
+    pub(super) fn matmul(
+        w: &Linear<'_>,
+        compute: &NativeBackend,
+        x: &mut ActivationBatch,
+        out: &mut [f32],
+        member: &Member<'_>,
+        to: Gather,
+    ) {
+        let tokens = x.tokens();
+        let out = &mut out[..tokens * w.rows];
+        let mine = w.my_rows(member);
+        match (w.storage, w.w4()) {
+            (WeightStorage::W4(activations), Some(w4)) => {
+                let panels = mine.start / PANEL_ROWS..mine.end / PANEL_ROWS;
+                match activations {
+                    Activations::Quantized { bits, clip } => {
+                        let batch = x.w4_batch(bits, clip, w4.shape().group);
+                        compute.w4.gemm_int(w4, panels, &batch, out, w.rows);
+                    }
+                    Activations::Float => {
+                        compute.w4.gemm_float(w4, panels, x.f32_padded(), tokens, out, w.rows);
+                    }
+                }
+            }
+            (WeightStorage::Quantized(format), _) if tokens == 1 => {
+                // Decode: one activation row against every row of the share, the kernel and
+                // the row slices looked up once (the same kernel calls as the batch path).
+                x.ensure_q8();
+                let (dot, activations) = (compute.kernels.for_format(format), x.q8_row(0));
+                let n = w.storage.row_bytes(w.cols);
+                let rows = &w.data()[mine.start * n..mine.end * n];
+                // Prefetch about PREFETCH_BYTES ahead (at least PREFETCH_ROWS rows): short rows
+                // (Gemma's 680-byte head rows) need more rows in flight than long ones.
+                let ahead_rows = (PREFETCH_BYTES / n).max(PREFETCH_ROWS);
+                for (i, (row, o)) in rows.chunks_exact(n).zip(&mut out[mine.clone()]).enumerate() {
+                    if let Some(ahead) = rows.get((i + ahead_rows) * n..(i + ahead_rows + 1) * n) {
+                        petrel_quant::dot::prefetch(ahead);
+                    }
+                    *o = dot(row, activations);
+                }
+            }
+            (WeightStorage::Quantized(_), _) => {
+                x.ensure_q8();
+                for r in mine.clone() {
+                    if r + PREFETCH_ROWS < mine.end {
+                        petrel_quant::dot::prefetch(w.row(r + PREFETCH_ROWS));
+                    }
+                    row_times_batch(w, compute, r, x, out);
+                }
+            }
+            _ => {
+                for r in mine {
+                    row_times_batch(w, compute, r, x, out);
+                }
+            }
+        }
+        w.gather(member, out, tokens, to);
+    }
+
+    /// `out[t * rows + r] = W[r] · x[t]` for every token of the batch (block and float
+    /// storages).
+    #[inline]
+    fn row_times_batch(w: &Linear<'_>, compute: &NativeBackend, r: usize, x: &ActivationBatch, out: &mut [f32]) {
+        let (row, rows, tokens) = (w.row(r), w.rows, x.tokens());
+        match w.storage {
+            WeightStorage::Quantized(format) => {
+                let kernels = &compute.kernels;
+                let (dot, dot4) = (kernels.for_format(format), kernels.for_format_x4(format));
+                let mut t = 0;
+                while t + 4 <= tokens {
+                    let xs = [x.q8_row(t), x.q8_row(t + 1), x.q8_row(t + 2), x.q8_row(t + 3)];
+                    for (j, v) in dot4(row, &xs).into_iter().enumerate() {
+                        out[(t + j) * rows + r] = v;
+                    }
+                    t += 4;
+                }
+                for t in t..tokens {
+                    out[t * rows + r] = dot(row, x.q8_row(t));
+                }
+            }
+            WeightStorage::F32 => {
+                // The runtime reads files without `unsafe`, so the little-endian f32
+                // weights are decoded in chunks that the float kernel then multiplies.
+                let mut buf = [0f32; 64];
+                for t in 0..tokens {
+                    let xs = x.f32_row(t);
+                    let mut sum = 0f32;
+                    for (chunk, xc) in row.chunks(4 * buf.len()).zip(xs.chunks(buf.len())) {
+                        for (o, b) in buf.iter_mut().zip(chunk.chunks_exact(4)) {
+                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                        sum += compute.float.dot(&buf[..xc.len()], xc);
+                    }
+                    out[t * rows + r] = sum;
+                }
+            }
+            _ => {
+                for t in 0..tokens {
+                    let mut sum = 0f32;
+                    for (b, &v) in row.chunks_exact(2).zip(x.f32_row(t)) {
+                        sum += half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32() * v;
+                    }
+                    out[t * rows + r] = sum;
+                }
+            }
+        }
     }
 }
