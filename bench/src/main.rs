@@ -86,6 +86,9 @@ struct Args {
     /// Runs per figure; the best is kept.
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
+    /// Tokens per prefill batch (default: the runtime's `SessionOptions::max_batch`).
+    #[arg(long)]
+    max_batch: Option<usize>,
     /// Skip llama.cpp (otherwise run through bench/llama/llama_speed.py).
     #[arg(long)]
     no_llama: bool,
@@ -151,8 +154,15 @@ fn same_file_bench(args: &Args) -> Result<()> {
         let gguf = GgufFile::parse(file.bytes())?;
         let model = Model::load(&gguf)?;
         weight_bytes.push((name.clone(), model.weight_bytes_per_token()));
-        let (petrel, isa) =
-            petrel_rows(&model, &name, &args.threads, &args.prompts, args.decode, args.repetitions, 64)?;
+        let (petrel, isa) = petrel_rows(
+            &model,
+            &name,
+            &args.threads,
+            &args.prompts,
+            args.decode,
+            args.repetitions,
+            args.max_batch.unwrap_or(SessionOptions::default().max_batch),
+        )?;
         rows.extend(petrel);
         kernels = isa;
         if !args.no_llama {

@@ -12,6 +12,8 @@
 //! - [`dot`]: block dot products — a scalar reference, x86 SIMD versions (AVX2, AVX-512
 //!   VNNI) for every format and aarch64 NEON dotprod versions for Q5_x and the K-quants,
 //!   all bit-identical to it — and [`dot::Kernels`], the dispatch table;
+//! - [`gemm`]: prefill matrix products on block weights, 16 rows unpacked once per batch
+//!   into a panel and multiplied with AVX-512 VNNI, bit-identical to [`dot`]'s reference;
 //! - Cortex-M kernels (DSP and Helium) for Q8_0 and W4, from the primitives in `cortex_m`.
 #![no_std]
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -28,6 +30,7 @@ pub mod blocks;
 pub(crate) mod cortex_m;
 pub mod dot;
 pub mod float;
+pub mod gemm;
 pub mod hadamard;
 #[cfg(feature = "alloc")]
 pub mod ptq;

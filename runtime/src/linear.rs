@@ -17,6 +17,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+use petrel_quant::gemm::{PanelLine, Q8Batch};
 use petrel_quant::w4::activation::{quantize_token, ActBits, TokenBatch};
 use petrel_quant::w4::{pad_cols, GroupSize, W4Matrix, W4Shape, PANEL_ROWS};
 use petrel_quant::{blocks, quantize_row_q8, Q8Row, Q8RowMut, WeightFormat, BLOCK_LEN};
@@ -276,6 +277,9 @@ pub struct ActivationBatch {
     group_sums: Vec<i32>,
     /// The (bits, clip bits, grouping) `codes` hold, if current.
     w4_ready: Option<(ActBits, u32, GroupSize)>,
+    /// One packed weight panel for the prefill panel kernel, grown on first use (empty
+    /// until then: decode and CPUs without the kernel never allocate it).
+    panel: Vec<PanelLine>,
     tokens: usize,
     cols: usize,
 }
@@ -296,6 +300,7 @@ impl ActivationBatch {
             token_scales: vec![0.0; max_tokens * max_cols.div_ceil(32)],
             group_sums: vec![0; blocks],
             w4_ready: None,
+            panel: Vec::new(),
             tokens: 0,
             cols: 0,
         }
@@ -349,6 +354,22 @@ impl ActivationBatch {
             scales: &self.scales[b0..b1],
             sums: &self.sums[b0..b1],
         }
+    }
+
+    /// The whole batch quantized to 8-bit blocks (after [`ActivationBatch::ensure_q8`]),
+    /// and a panel buffer of at least `lines` lines.
+    pub(crate) fn q8_batch_and_panel(&mut self, lines: usize) -> (Q8Batch<'_>, &mut [PanelLine]) {
+        if self.panel.len() < lines {
+            self.panel.resize(lines, PanelLine::ZERO);
+        }
+        let blocks = self.tokens * self.cols / BLOCK_LEN;
+        let batch = Q8Batch {
+            qs: &self.qs[..self.tokens * self.cols],
+            scales: &self.scales[..blocks],
+            sums: &self.sums[..blocks],
+            tokens: self.tokens,
+        };
+        (batch, &mut self.panel[..lines])
     }
 
     /// The batch quantized per token and weight group to `bits` with clip ratio `clip`, with code sums per

@@ -286,7 +286,7 @@ fn combine_lanes(lanes: [f32; 4]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// Asks the CPU to start loading `data` into cache (x86-64: `prefetcht0` per 64-byte
 /// line; a no-op elsewhere). Decode streams every weight matrix from memory once per

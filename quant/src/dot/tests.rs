@@ -12,7 +12,7 @@ const FORMATS: [WeightFormat; 8] = WeightFormat::ALL;
 /// Random weight bytes (`blocks` blocks of `format`) with valid, finite f16 scales: `d`
 /// from `scales`, a minimum `m` of the opposite sign (Q4_1, Q5_1), a positive `dmin`
 /// (Q4_K, Q5_K). Every other byte (codes, K-quant sub-scales) comes from `bytes`.
-fn weight_row(format: WeightFormat, blocks: usize, bytes: &[u8], scales: &[f32]) -> std::vec::Vec<u8> {
+pub(crate) fn weight_row(format: WeightFormat, blocks: usize, bytes: &[u8], scales: &[f32]) -> std::vec::Vec<u8> {
     let bb = format.block_bytes();
     let mut row: std::vec::Vec<u8> = (0..blocks * bb).map(|i| bytes[i % bytes.len()]).collect();
     for b in 0..blocks {

@@ -3,6 +3,8 @@
 
 use core::ops::Range;
 
+use petrel_quant::dot::Isa;
+use petrel_quant::gemm::PanelGemm;
 use petrel_quant::w4::kernels::W4Kernels;
 use petrel_quant::{FloatKernels, Kernels};
 
@@ -23,7 +25,15 @@ pub struct NativeBackend {
     pub w4: W4Kernels,
     /// f32 kernels for attention and SwiGLU.
     pub float: FloatKernels,
+    /// The prefill panel kernel for block weights, where `kernels`' instruction set has
+    /// one (AVX-512 VNNI); batches of at least [`PANEL_MIN_TOKENS`] tokens use it.
+    pub panel: Option<PanelGemm>,
 }
+
+/// The smallest batch for which the panel kernel beats the four-token block dot products
+/// (unpacking a panel costs about as much as a few tokens' products; measured with
+/// `petrel-bench`, see `bench/results/prefill-panels.md`).
+pub const PANEL_MIN_TOKENS: usize = 8;
 
 impl NativeBackend {
     /// The fastest kernels this CPU runs.
@@ -37,6 +47,10 @@ impl NativeBackend {
             kernels,
             w4: W4Kernels::for_isa(kernels.isa()).unwrap_or_else(W4Kernels::scalar),
             float: FloatKernels::detect(),
+            panel: match kernels.isa() {
+                Isa::Scalar => None,
+                isa => PanelGemm::for_isa(isa),
+            },
         }
     }
 }
@@ -105,9 +119,10 @@ impl Backend for NativeBackend {
 /// Petrel's own matrix product on a weight's stored form (the native backend's
 /// [`Backend::matmul`]): integer block dot products, W4 panels, or float rows.
 mod matmul {
+    use petrel_quant::gemm;
     use petrel_quant::w4::PANEL_ROWS;
 
-    use super::NativeBackend;
+    use super::{NativeBackend, PANEL_MIN_TOKENS};
     use crate::linear::{ActivationBatch, Gather, Linear, WeightStorage};
     use crate::parallel::Member;
     use crate::scheme::Activations;
@@ -161,6 +176,19 @@ mod matmul {
                         petrel_quant::dot::prefetch(ahead);
                     }
                     *o = dot(row, activations);
+                }
+            }
+            (WeightStorage::Quantized(format), _) if tokens >= PANEL_MIN_TOKENS && compute.panel.is_some() => {
+                x.ensure_q8();
+                let gemm = compute.panel.as_ref().expect("checked above");
+                let n = w.storage.row_bytes(w.cols);
+                let (batch, lines) = x.q8_batch_and_panel(gemm::panel_lines(w.cols));
+                let mut r = mine.start;
+                while r < mine.end {
+                    let rows = (mine.end - r).min(gemm::PANEL_ROWS);
+                    let panel = gemm.pack(format, &w.data()[r * n..(r + rows) * n], rows, w.cols, lines);
+                    gemm.run(&panel, &batch, &mut out[r..], w.rows);
+                    r += rows;
                 }
             }
             (WeightStorage::Quantized(_), _) => {
