@@ -221,3 +221,41 @@ const GEMMA3_TOLERANCE: Tolerance = Tolerance { logits: 3.5, near_tie: 0.3 };
 /// Measured over Qwen's 373 positions: maximum 0.49 (the non-ASCII prompt); the SmolLM2
 /// tolerance holds with a wide margin.
 const QWEN2_TOLERANCE: Tolerance = Tolerance { logits: 2.5, near_tie: 0.25 };
+
+/// The K-quant models' prefill logits are the same, bit for bit, on every kernel set this
+/// CPU runs: the scalar reference, the four-token block dot products of each SIMD set, and
+/// (with AVX-512 VNNI) the panel kernel that batches of 12 tokens or more take.
+#[test]
+fn k_quant_prefill_is_bit_identical_on_every_kernel_set() {
+    use petrel_quant::dot::Isa;
+    use petrel_quant::Kernels;
+    for (file_name, pull_name) in
+        [("gemma-3-270m-q4_k_m.gguf", "gemma3-270m"), ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b")]
+    {
+        let file = MappedFile::open(model_path(file_name, pull_name)).expect("model maps");
+        let gguf = GgufFile::parse(file.bytes()).expect("valid GGUF");
+        let model = Model::load(&gguf).expect("model loads");
+        let tokens = model.tokenizer.encode("def reverse(s):\n    return s[::-1]  # 16 tokens or so, enough", true);
+        assert!(tokens.len() >= 12, "{file_name}: the prompt must reach the panel kernel's batch size");
+        let logits = |kernels: Kernels| {
+            let options = SessionOptions {
+                capacity: tokens.len() + 1,
+                threads: 2,
+                kernels: Some(kernels),
+                ..SessionOptions::default()
+            };
+            let mut session = Session::new(&model, options).expect("session");
+            let mut out = vec![0f32; tokens.len() * model.config.vocab_size];
+            session.prefill_all_logits(&tokens, &mut out).expect("prefill");
+            out
+        };
+        let reference = logits(Kernels::scalar());
+        for isa in Isa::ALL.into_iter().skip(1) {
+            let Some(kernels) = Kernels::for_isa(isa) else { continue };
+            let got = logits(kernels);
+            let same = got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{file_name}: {} prefill differs from the scalar reference", isa.name());
+            println!("{file_name}: {} prefill of {} tokens bit-identical to scalar", isa.name(), tokens.len());
+        }
+    }
+}

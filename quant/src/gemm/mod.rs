@@ -100,11 +100,7 @@ pub struct Q8Batch<'a> {
 impl<'a> Q8Batch<'a> {
     /// Columns per row.
     fn cols(&self) -> usize {
-        if self.tokens == 0 {
-            0
-        } else {
-            self.qs.len() / self.tokens
-        }
+        self.qs.len().checked_div(self.tokens).unwrap_or(0)
     }
 
     /// Token `t`'s row.

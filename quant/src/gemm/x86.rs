@@ -151,6 +151,7 @@ unsafe fn pass<const C: usize, const FAM: u8>(
         b0 += 4;
     }
     let mask: __mmask16 = if panel.rows >= 16 { 0xFFFF } else { (1u16 << panel.rows) - 1 };
+    #[allow(clippy::needless_range_loop)] // `c` indexes four lane arrays and the output rows
     for c in 0..C {
         let result = _mm512_add_ps(_mm512_add_ps(lanes[0][c], lanes[1][c]), _mm512_add_ps(lanes[2][c], lanes[3][c]));
         let at = (t0 + c) * stride;
