@@ -33,6 +33,9 @@ pub enum ModelError {
     BadW4Tensor { tensor: String, reason: W4Error },
     /// A tensor whose values are impossible (non-finite, out of order).
     BadTensorValues { tensor: String, reason: &'static str },
+    /// A quantized tensor with an impossible block (a non-finite scale): which block (of
+    /// the whole tensor, counted from 0), in which row, and what is wrong.
+    BadTensorBlock { tensor: String, block: usize, row: usize, reason: &'static str },
     /// A tensor stored in a way (`ty`) that a non-native backend cannot serve.
     UnsupportedByBackend { backend: &'static str, tensor: String, ty: &'static str, reason: String },
     /// A backend failed while preparing the model (a device error).
@@ -54,6 +57,9 @@ impl fmt::Display for ModelError {
             ModelError::MissingMetadata(k) => write!(f, "metadata key {k:?} is missing"),
             ModelError::BadMetadata { key, reason } => write!(f, "metadata key {key:?} is invalid: {reason}"),
             ModelError::BadTensorValues { tensor, reason } => write!(f, "tensor {tensor:?} is invalid: {reason}"),
+            ModelError::BadTensorBlock { tensor, block, row, reason } => {
+                write!(f, "tensor {tensor:?} is invalid: {reason} in block {block} (row {row})")
+            }
             ModelError::MissingTensor(t) => write!(f, "tensor {t:?} is missing"),
             ModelError::BadTensorShape { tensor, expected, found } => {
                 write!(f, "tensor {tensor:?} has shape {found:?}, expected {expected:?}")

@@ -147,8 +147,15 @@ impl<'a> Linear<'a> {
         let storage =
             storage.ok_or(ModelError::UnsupportedTensorType { tensor: tensor.name.into(), ty: tensor.ty.name() })?;
         if let WeightStorage::Quantized(format) = storage {
-            blocks::validate_row(format, tensor.data)
-                .map_err(|e| ModelError::BadTensorValues { tensor: tensor.name.into(), reason: e.what })?;
+            blocks::validate_row(format, tensor.data).map_err(|e| match e.block {
+                usize::MAX => ModelError::BadTensorValues { tensor: tensor.name.into(), reason: e.what },
+                block => ModelError::BadTensorBlock {
+                    tensor: tensor.name.into(),
+                    block,
+                    row: block / (cols / format.block_len()).max(1),
+                    reason: e.what,
+                },
+            })?;
         }
         Ok(Linear { rows, cols, storage, data: tensor.data, w4: None })
     }
@@ -617,12 +624,12 @@ mod tests {
             assert!(matches!(err, ModelError::BadTensorShape { .. }), "{err:?}");
         }
         // A NaN `d` in the second Q4_K super-block, an infinite `d` in a Q6_K block, a NaN
-        // `dmin`, a NaN Q5_0 scale.
-        for (ty, at, bits) in [
-            (TensorType::Q4_K, 144, 0x7E00u16),
-            (TensorType::Q6_K, 208, 0x7C00),
-            (TensorType::Q4_K, 2, 0xFE00),
-            (TensorType::Q5_0, 22 * 3, 0x7E01),
+        // `dmin`, a NaN Q5_0 scale in block 3; the error names the block and its row.
+        for (ty, at, bits, block) in [
+            (TensorType::Q4_K, 144, 0x7E00u16, 1),
+            (TensorType::Q6_K, 208, 0x7C00, 0),
+            (TensorType::Q4_K, 2, 0xFE00, 0),
+            (TensorType::Q5_0, 22 * 3, 0x7E01, 3),
         ] {
             let mut data = encode(&w, cols, ty);
             data[at..at + 2].copy_from_slice(&bits.to_le_bytes());
@@ -631,9 +638,17 @@ mod tests {
             let bytes = writer.to_bytes();
             let file = GgufFile::parse(&bytes).unwrap();
             let err = Linear::new(file.tensor("blk.0.ffn_down.weight").unwrap(), rows, cols).unwrap_err();
-            let ModelError::BadTensorValues { tensor, reason } = &err else { panic!("{ty:?}: {err:?}") };
+            let ModelError::BadTensorBlock { tensor, block: found, row, reason } = &err else {
+                panic!("{ty:?}: {err:?}")
+            };
             assert_eq!(tensor, "blk.0.ffn_down.weight");
+            assert_eq!(
+                (*found, *row),
+                (block, block / (cols / if ty == TensorType::Q5_0 { 32 } else { 256 })),
+                "{err}"
+            );
             assert!(reason.starts_with("non-finite"), "{reason}");
+            assert!(err.to_string().contains(&alloc::format!("in block {block}")), "{err}");
             assert!(err.to_string().contains("blk.0.ffn_down.weight"), "{err}");
         }
     }
