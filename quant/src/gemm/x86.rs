@@ -78,9 +78,13 @@ unsafe fn pass<const C: usize, const FAM: u8>(
 ) {
     let blocks = panel.blocks;
     let cols = blocks * BLOCK_LEN;
-    let qs: [*const i8; C] = core::array::from_fn(|c| x.qs[(t0 + c) * cols..].as_ptr());
-    let scales: [&[f32]; C] = core::array::from_fn(|c| &x.scales[(t0 + c) * blocks..(t0 + c + 1) * blocks]);
-    let sums: [&[i32]; C] = core::array::from_fn(|c| &x.sums[(t0 + c) * blocks..(t0 + c + 1) * blocks]);
+    let (mut qs, mut scales, mut sums) = ([core::ptr::null::<i8>(); C], [&[][..]; C], [&[][..]; C]);
+    for c in 0..C {
+        let t = t0 + c;
+        qs[c] = x.qs[t * cols..(t + 1) * cols].as_ptr();
+        scales[c] = &x.scales[t * blocks..(t + 1) * blocks];
+        sums[c] = &x.sums[t * blocks..(t + 1) * blocks];
+    }
     let lines: *const PanelLine = panel.lines.as_ptr();
     let mut lanes = [[_mm512_setzero_ps(); C]; 4];
     let mut b0 = 0;
@@ -205,36 +209,61 @@ const fn format_of(tag: u8) -> WeightFormat {
     }
 }
 
-/// Every row in turn, every activation block's 32 codes extracted into one register and
-/// written as eight 4-byte groups into the code lines, then its parameters.
+/// How far ahead in each row the packing loop prefetches.
+const PACK_PREFETCH_BYTES: usize = 512;
+
+/// Four rows at a time (four streams for the hardware prefetcher), every activation
+/// block's 32 codes of each extracted into one register, the four registers transposed in
+/// 4-byte groups (`unpack{lo,hi}_epi32/64`) so that each code line takes one 16-byte store
+/// per four rows, then the parameters.
 #[target_feature(enable = "avx2")]
 unsafe fn pack_rows<const F: u8>(data: &[u8], rows: usize, row_bytes: usize, lines: &mut [PanelLine]) {
     let format = format_of(F);
     let (per_block, block_bytes) = (format.activation_blocks(), format.block_bytes());
     let blocks = lines.len() / LINES_PER_BLOCK;
     let base = lines.as_mut_ptr() as *mut u8;
-    for i in 0..super::PANEL_ROWS {
+    for i0 in (0..super::PANEL_ROWS).step_by(4) {
         for b in 0..blocks {
-            let (codes, params) = if i < rows {
-                let block = &data[i * row_bytes + b / per_block * block_bytes..][..block_bytes];
-                // SAFETY: `block` is one whole weight block of `format`.
-                unsafe { unpack::<F>(block, b % per_block) }
-            } else {
-                (_mm256_setzero_si256(), super::BlockParams::scale(0.0))
-            };
-            let mut quads = [0u32; 8];
-            // SAFETY: `quads` is 32 writable bytes; record `b` is 12 lines of 64 bytes inside
-            // `lines` (`b < blocks`), and row `i < 16` owns bytes `4 i .. 4 i + 4` of each.
-            unsafe {
-                _mm256_storeu_si256(quads.as_mut_ptr() as *mut __m256i, codes);
-                let record = base.add(b * LINES_PER_BLOCK * 64 + 4 * i);
-                for (g, &quad) in quads.iter().enumerate() {
-                    (record.add(64 * g) as *mut u32).write_unaligned(quad);
+            let mut codes = [_mm256_setzero_si256(); 4];
+            let mut params = [super::BlockParams::scale(0.0); 4];
+            for (r, (codes, params)) in codes.iter_mut().zip(&mut params).enumerate() {
+                if i0 + r < rows {
+                    let row = &data[(i0 + r) * row_bytes..(i0 + r + 1) * row_bytes];
+                    let at = b / per_block * block_bytes;
+                    // The weights come from memory once per batch; four short streams are
+                    // too slow for the hardware prefetcher alone.
+                    if let Some(ahead) = row.get(at + PACK_PREFETCH_BYTES) {
+                        // SAFETY: a prefetch of a live address never faults.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead as *const u8 as *const i8) };
+                    }
+                    let block = &row[at..at + block_bytes];
+                    // SAFETY: `block` is one whole weight block of `format`.
+                    (*codes, *params) = unsafe { unpack::<F>(block, b % per_block) };
                 }
-                (record.add(64 * 8) as *mut f32).write_unaligned(params.d);
-                (record.add(64 * 9) as *mut f32).write_unaligned(params.second);
-                (record.add(64 * 10) as *mut i32).write_unaligned(params.int_a);
-                (record.add(64 * 11) as *mut i32).write_unaligned(params.int_b);
+            }
+            // Lane halves: `g` in the low 128 bits, `g + 4` in the high ones.
+            let (t0, t1) = (_mm256_unpacklo_epi32(codes[0], codes[1]), _mm256_unpackhi_epi32(codes[0], codes[1]));
+            let (t2, t3) = (_mm256_unpacklo_epi32(codes[2], codes[3]), _mm256_unpackhi_epi32(codes[2], codes[3]));
+            let groups = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ];
+            // SAFETY: record `b` is 12 lines of 64 bytes inside `lines` (`b < blocks`); rows
+            // `i0 .. i0 + 4` own bytes `4 i0 .. 4 i0 + 16` of each line.
+            unsafe {
+                let record = base.add(b * LINES_PER_BLOCK * 64 + 4 * i0);
+                for (g, &pair) in groups.iter().enumerate() {
+                    _mm_storeu_si128(record.add(64 * g) as *mut __m128i, _mm256_castsi256_si128(pair));
+                    _mm_storeu_si128(record.add(64 * (g + 4)) as *mut __m128i, _mm256_extracti128_si256::<1>(pair));
+                }
+                for (r, p) in params.iter().enumerate() {
+                    (record.add(64 * 8 + 4 * r) as *mut f32).write_unaligned(p.d);
+                    (record.add(64 * 9 + 4 * r) as *mut f32).write_unaligned(p.second);
+                    (record.add(64 * 10 + 4 * r) as *mut i32).write_unaligned(p.int_a);
+                    (record.add(64 * 11 + 4 * r) as *mut i32).write_unaligned(p.int_b);
+                }
             }
         }
     }
