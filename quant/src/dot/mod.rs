@@ -297,7 +297,7 @@ pub fn prefetch(data: &[u8]) {
     for line in data.chunks(64) {
         // SAFETY: a prefetch never faults and has no architectural effect; the address
         // comes from a live slice.
-        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
