@@ -35,7 +35,8 @@ fn check(format: WeightFormat, rows: usize, units: usize, tokens: usize, bytes: 
     let cols = units * format.block_len();
     let data: std::vec::Vec<u8> = (0..rows)
         .flat_map(|r| {
-            let rotated: std::vec::Vec<u8> = bytes.iter().map(|&b| b.wrapping_add((r as u8).wrapping_mul(37))).collect();
+            let rotated: std::vec::Vec<u8> =
+                bytes.iter().map(|&b| b.wrapping_add((r as u8).wrapping_mul(37))).collect();
             weight_row(format, units, &rotated, &scales[r % scales.len()..])
         })
         .collect();
