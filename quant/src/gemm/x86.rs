@@ -233,8 +233,7 @@ unsafe fn pack_rows<const F: u8>(data: &[u8], rows: usize, row_bytes: usize, lin
                     // The weights come from memory once per batch; four short streams are
                     // too slow for the hardware prefetcher alone.
                     if let Some(ahead) = row.get(at + PACK_PREFETCH_BYTES) {
-                        // SAFETY: a prefetch of a live address never faults.
-                        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead as *const u8 as *const i8) };
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const u8 as *const i8);
                     }
                     let block = &row[at..at + block_bytes];
                     // SAFETY: `block` is one whole weight block of `format`.
