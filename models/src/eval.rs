@@ -26,7 +26,7 @@ use petrel_models::registry;
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::routing::{Decision, PrefillRouting};
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 
 /// `petrel eval` subcommands.
 #[derive(Subcommand, Debug)]
@@ -68,6 +68,9 @@ pub struct PplArgs {
     /// Score only the first N tokens of the text.
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// How the KV cache stores keys and values (`f32`, `f16`).
+    #[arg(long, default_value = "f32", value_parser = |s: &str| KvType::parse(s).ok_or_else(|| format!("unknown KV-cache type {s:?} (f32, f16)")))]
+    kv_type: KvType,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -324,6 +327,7 @@ fn perplexity(args: &PplArgs) -> Result<()> {
         prefill_routing,
         kernels: None,
         kv_prediction: false,
+        kv_type: args.kv_type,
     };
     let mut session = Session::new(&model, options)?;
     eprintln!(

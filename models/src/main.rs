@@ -14,7 +14,7 @@ use petrel_models::{registry, stats};
 use petrel_runtime::gguf::{GgufFile, Value};
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::tokenizer::{format_chat, ChatMessage, StreamDecoder, Tokenizer};
-use petrel_runtime::{Model, Sampler, SamplerConfig, Session, SessionOptions, StopReason};
+use petrel_runtime::{KvType, Model, Sampler, SamplerConfig, Session, SessionOptions, StopReason};
 
 /// Petrel runs decoder-only language models from GGUF files on CPUs, from one no_std core.
 #[derive(Parser, Debug)]
@@ -172,6 +172,19 @@ struct GenerationArgs {
     /// matrix kernels.
     #[arg(long, value_enum, default_value = "native")]
     backend: BackendChoice,
+    /// How the KV cache stores keys and values: `f32`, or `f16` (half the bytes per token;
+    /// perplexity and speed per type in the README). The stats line shows the bytes per
+    /// token.
+    #[arg(long, default_value = "f32", value_parser = parse_kv_type)]
+    kv_type: KvType,
+}
+
+/// `--kv-type`'s parser.
+fn parse_kv_type(name: &str) -> Result<KvType, String> {
+    KvType::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = KvType::ALL.iter().map(|t| t.name()).collect();
+        format!("unknown KV-cache type {name:?} (choose from {})", names.join(", "))
+    })
 }
 
 impl GenerationArgs {
@@ -190,7 +203,13 @@ impl GenerationArgs {
     fn session_options(&self, model: &Model<'_>) -> SessionOptions {
         let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let capacity = self.context.unwrap_or_else(|| model.config.context_length.min(2048));
-        SessionOptions { capacity, threads, kv_prediction: self.kv_prediction, ..SessionOptions::default() }
+        SessionOptions {
+            capacity,
+            threads,
+            kv_prediction: self.kv_prediction,
+            kv_type: self.kv_type,
+            ..SessionOptions::default()
+        }
     }
 }
 
@@ -314,6 +333,8 @@ struct ReplyStats {
     tokens: Vec<u32>,
     time_to_first_token: Duration,
     decode: Duration,
+    /// The KV cache's type and bytes per token of context.
+    kv: (KvType, usize),
 }
 
 impl ReplyStats {
@@ -321,12 +342,14 @@ impl ReplyStats {
         let rate = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
         let peak = stats::peak_memory_bytes().map_or_else(|| "unknown".into(), stats::format_bytes);
         eprintln!(
-            "[TTFT {:.1} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s | peak memory {peak}]",
+            "[TTFT {:.1} ms | prefill {} tok at {:.1} tok/s | decode {} tok at {:.1} tok/s | KV cache {} at {:.1} KiB/token | peak memory {peak}]",
             self.time_to_first_token.as_secs_f64() * 1e3,
             self.prompt_tokens,
             rate(self.prompt_tokens, self.time_to_first_token),
             self.generated,
             rate(self.generated.saturating_sub(1), self.decode),
+            self.kv.0.name(),
+            self.kv.1 as f64 / 1024.0,
         );
     }
 }
@@ -371,6 +394,7 @@ fn reply(
         tokens: reply_tokens,
         time_to_first_token: first - start,
         decode: end - first,
+        kv: (session.kv_type(), session.cache_bytes_per_token()),
     })
 }
 

@@ -24,6 +24,33 @@ pub struct FloatKernels {
     tile_scores: fn(&[f32], &[f32], usize, usize, &mut [f32; KEY_TILE]),
     tile_exp: fn(&mut [f32; KEY_TILE], usize, f32) -> f32,
     tile_pv: fn(&mut [f32], &[f32; KEY_TILE], usize, &[f32], usize),
+    tile_scores_f16: fn(&[f32], &[u16], usize, usize, &mut [f32; KEY_TILE]),
+    tile_pv_f16: fn(&mut [f32], &[f32; KEY_TILE], usize, &[u16], usize),
+}
+
+/// An element of a key/value cache row that the attention tile kernels read: `f32`, or an
+/// IEEE half stored as its bits (`u16`), widened exactly to f32 on load.
+pub trait KvElement: Copy + 'static {
+    /// True for the half-precision bits.
+    const HALF: bool;
+    /// The value as f32 (exact).
+    fn to_f32(self) -> f32;
+}
+
+impl KvElement for f32 {
+    const HALF: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElement for u16 {
+    const HALF: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        crate::blocks::f16_to_f32(self)
+    }
 }
 
 impl FloatKernels {
@@ -38,6 +65,8 @@ impl FloatKernels {
             tile_scores: scalar::tile_scores,
             tile_exp: scalar::tile_exp,
             tile_pv: scalar::tile_pv,
+            tile_scores_f16: scalar::tile_scores,
+            tile_pv_f16: scalar::tile_pv,
         }
     }
 
@@ -54,6 +83,8 @@ impl FloatKernels {
                 tile_scores: x86::tile_scores,
                 tile_exp: x86::tile_exp,
                 tile_pv: x86::tile_pv,
+                tile_scores_f16: x86::tile_scores,
+                tile_pv_f16: x86::tile_pv,
             };
         }
         Self::scalar()
@@ -109,6 +140,17 @@ impl FloatKernels {
         (self.tile_scores)(q, keys, stride, n, out)
     }
 
+    /// [`FloatKernels::tile_scores`] on keys stored as f16 bits: bit-identical to it on the
+    /// keys widened to f32.
+    #[inline]
+    pub fn tile_scores_f16(&self, q: &[f32], keys: &[u16], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let n = n.min(KEY_TILE);
+        if n > 0 {
+            assert!(keys.len() >= (n - 1) * stride + q.len());
+        }
+        (self.tile_scores_f16)(q, keys, stride, n, out)
+    }
+
     /// `x_j = exp(x_j - shift)` for `j < n` (with [`exp_poly`]) and `x_j = 0` above; returns
     /// the sum of the tile in the fixed tree `t_i = x_i + x_{i+8}`, `u_i = t_i + t_{i+4}`,
     /// `(u_0 + u_2) + (u_1 + u_3)`. Inputs must be `≤ shift`. Bit-identical across
@@ -128,6 +170,17 @@ impl FloatKernels {
             assert!(values.len() >= (n - 1) * stride + out.len());
         }
         (self.tile_pv)(out, p, n, values, stride)
+    }
+
+    /// [`FloatKernels::tile_pv`] on values stored as f16 bits: bit-identical to it on the
+    /// values widened to f32.
+    #[inline]
+    pub fn tile_pv_f16(&self, out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[u16], stride: usize) {
+        let n = n.min(KEY_TILE);
+        if n > 0 {
+            assert!(values.len() >= (n - 1) * stride + out.len());
+        }
+        (self.tile_pv_f16)(out, p, n, values, stride)
     }
 }
 
@@ -158,9 +211,9 @@ const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;
 
 mod scalar {
-    use super::{exp_poly, KEY_TILE};
+    use super::{exp_poly, KvElement, KEY_TILE};
 
-    pub(super) fn tile_scores(q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+    pub(super) fn tile_scores<T: KvElement>(q: &[f32], keys: &[T], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
         let len = q.len();
         for (j, o) in out.iter_mut().enumerate() {
             if j >= n {
@@ -169,7 +222,7 @@ mod scalar {
             }
             let mut a = [0f32; 8];
             for (d, (&x, &k)) in q.iter().zip(&keys[j * stride..j * stride + len]).enumerate() {
-                a[d % 8] += x * k;
+                a[d % 8] += x * k.to_f32();
             }
             *o = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
         }
@@ -188,12 +241,12 @@ mod scalar {
         (u[0] + u[2]) + (u[1] + u[3])
     }
 
-    pub(super) fn tile_pv(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+    pub(super) fn tile_pv<T: KvElement>(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[T], stride: usize) {
         let len = out.len();
         for (j, &w) in p[..n].iter().enumerate() {
             let row = &values[j * stride..j * stride + len];
             for (o, &v) in out.iter_mut().zip(row) {
-                *o += w * v;
+                *o += w * v.to_f32();
             }
         }
     }
@@ -248,9 +301,20 @@ mod scalar {
 mod x86 {
     use core::arch::x86_64::*;
 
-    use super::{scalar, KEY_TILE, LN2_HI, LN2_LO};
+    use super::{scalar, KvElement, KEY_TILE, LN2_HI, LN2_LO};
 
-    pub(super) fn tile_scores(q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+    /// Eight consecutive elements at `p + i` widened to f32 (`vcvtph2ps` for halves).
+    macro_rules! load8 {
+        ($t:ty, $p:expr, $i:expr) => {
+            if <$t as KvElement>::HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128($p.add($i) as *const __m128i))
+            } else {
+                _mm256_loadu_ps($p.add($i) as *const f32)
+            }
+        };
+    }
+
+    pub(super) fn tile_scores<T: KvElement>(q: &[f32], keys: &[T], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
         if n == 0 {
             *out = [0.0; KEY_TILE];
             return;
@@ -265,7 +329,7 @@ mod x86 {
         unsafe { tile_exp_avx2(x, n, shift) }
     }
 
-    pub(super) fn tile_pv(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+    pub(super) fn tile_pv<T: KvElement>(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[T], stride: usize) {
         let len = out.len();
         if n == 0 {
             return;
@@ -275,8 +339,14 @@ mod x86 {
         unsafe { tile_pv_avx2(out, p, n, values, stride) }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_scores_avx2(q: &[f32], keys: &[f32], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_scores_avx2<T: KvElement>(
+        q: &[f32],
+        keys: &[T],
+        stride: usize,
+        n: usize,
+        out: &mut [f32; KEY_TILE],
+    ) {
         let len = q.len();
         let full = len / 8 * 8;
         let (pq, pk) = (q.as_ptr(), keys.as_ptr());
@@ -295,7 +365,7 @@ mod x86 {
                 unsafe {
                     let qv = _mm256_loadu_ps(pq.add(i));
                     for (a, &row) in acc.iter_mut().zip(&rows) {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, _mm256_loadu_ps(pk.add(row + i))));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, load8!(T, pk, row + i)));
                     }
                 }
                 i += 8;
@@ -306,7 +376,7 @@ mod x86 {
                     // SAFETY: lanes holds 8 elements.
                     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
                     for d in full..len {
-                        lanes[d % 8] += q[d] * keys[row + d];
+                        lanes[d % 8] += q[d] * keys[row + d].to_f32();
                     }
                     // SAFETY: as above.
                     *a = unsafe { _mm256_loadu_ps(lanes.as_ptr()) };
@@ -365,8 +435,8 @@ mod x86 {
         hsum(_mm256_add_ps(e[0], e[1]))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_pv_avx2(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[f32], stride: usize) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_pv_avx2<T: KvElement>(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[T], stride: usize) {
         let len = out.len();
         let (po, pv) = (out.as_mut_ptr(), values.as_ptr());
         let mut i = 0;
@@ -378,7 +448,7 @@ mod x86 {
                     let wv = _mm256_set1_ps(w);
                     let row = pv.add(j * stride + i);
                     for (b, ob) in o.iter_mut().enumerate() {
-                        *ob = _mm256_add_ps(*ob, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * b))));
+                        *ob = _mm256_add_ps(*ob, _mm256_mul_ps(wv, load8!(T, row, 8 * b)));
                     }
                 }
                 for (b, ob) in o.iter().enumerate() {
@@ -392,7 +462,7 @@ mod x86 {
             unsafe {
                 let mut o = _mm256_loadu_ps(po.add(i));
                 for (j, &w) in p[..n].iter().enumerate() {
-                    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w), _mm256_loadu_ps(pv.add(j * stride + i))));
+                    o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(w), load8!(T, pv, j * stride + i)));
                 }
                 _mm256_storeu_ps(po.add(i), o);
             }
@@ -609,6 +679,31 @@ mod tests {
             assert!((t1 - t2).abs() <= 1e-5 * t1.max(1.0), "exp sum {n}: {t1} vs {t2}");
             for (u, v) in e1.iter().zip(&e2) {
                 assert!((u - v).abs() <= 1e-6 * u.max(1e-30) + 1e-37, "exp {u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_tile_kernels_equal_the_f32_ones_on_widened_rows() {
+        let val = |i: usize, m: usize| ((i * 2_654_435_761 % m) as f32 / m as f32 - 0.5) * 4.0;
+        for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+            for len in [1usize, 7, 8, 13, 64, 70, 136, 256] {
+                let q: std::vec::Vec<f32> = (0..len).map(|i| val(i + 5, 1009)).collect();
+                let stride = len + 5;
+                let half: std::vec::Vec<u16> =
+                    (0..KEY_TILE * stride).map(|i| half::f16::from_f32(val(i, 997)).to_bits()).collect();
+                let wide: std::vec::Vec<f32> = half.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect();
+                for n in [1, 5, 8, 9, 16] {
+                    let (mut a1, mut a2) = ([0.25f32; KEY_TILE], [0.5f32; KEY_TILE]);
+                    fk.tile_scores(&q, &wide, stride, n, &mut a1);
+                    fk.tile_scores_f16(&q, &half, stride, n, &mut a2);
+                    assert_eq!(a1.map(f32::to_bits), a2.map(f32::to_bits), "scores {len} {n}");
+                    let p: [f32; KEY_TILE] = core::array::from_fn(|j| val(j + len, 89).abs());
+                    let (mut o1, mut o2) = (q.clone(), q.clone());
+                    fk.tile_pv(&mut o1, &p, n, &wide, stride);
+                    fk.tile_pv_f16(&mut o2, &p, n, &half, stride);
+                    assert_eq!(o1, o2, "pv {len} {n}");
+                }
             }
         }
     }

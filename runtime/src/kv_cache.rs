@@ -9,7 +9,141 @@ use alloc::vec::Vec;
 
 use crate::config::ModelConfig;
 
-/// Keys and values of every layer for up to `capacity` rows each, in f32.
+/// How the cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// 4 bytes per value, exactly as computed.
+    #[default]
+    F32,
+    /// IEEE half precision, 2 bytes per value (round to nearest even; llama.cpp's default
+    /// cache type). Attention widens it exactly on load.
+    F16,
+}
+
+impl KvType {
+    /// Every type, in the order `--kv-type` lists them.
+    pub const ALL: [KvType; 2] = [KvType::F32, KvType::F16];
+
+    /// Bytes per stored value.
+    pub const fn bytes_per_value(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+
+    /// The name `--kv-type` takes (`f32`, `f16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+
+    /// The type named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// The stored keys or values of all layers.
+#[derive(Debug)]
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl Store {
+    /// `n` zeroed values of `ty`, or `None` if they cannot be allocated.
+    fn zeroed(ty: KvType, n: usize) -> Option<Self> {
+        // Probe that the allocation can succeed, then let `vec!` take zeroed memory from
+        // the allocator (calloc: pages stay untouched, so unused context — and the rows a
+        // routed block never writes — cost no RSS; filling a reserved Vec would write
+        // every page).
+        Some(match ty {
+            KvType::F32 => {
+                Vec::<f32>::new().try_reserve_exact(n).ok()?;
+                Store::F32(vec![0.0; n])
+            }
+            KvType::F16 => {
+                Vec::<u16>::new().try_reserve_exact(n).ok()?;
+                Store::F16(vec![0; n])
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Store::F32(v) => v.len(),
+            Store::F16(v) => v.len(),
+        }
+    }
+
+    fn rows(&self, range: core::ops::Range<usize>) -> KvRows<'_> {
+        match self {
+            Store::F32(v) => KvRows::F32(&v[range]),
+            Store::F16(v) => KvRows::F16(&v[range]),
+        }
+    }
+
+    fn write(&mut self, at: usize, values: &[f32]) {
+        match self {
+            Store::F32(v) => v[at..at + values.len()].copy_from_slice(values),
+            Store::F16(v) => {
+                for (h, &x) in v[at..at + values.len()].iter_mut().zip(values) {
+                    *h = half::f16::from_f32(x).to_bits();
+                }
+            }
+        }
+    }
+}
+
+/// Stored keys or values of one layer, row-major (`kv_heads × head_dim` per row).
+#[derive(Clone, Copy, Debug)]
+pub enum KvRows<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// f16 values as their bits.
+    F16(&'a [u16]),
+}
+
+impl KvRows<'_> {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.len(),
+            KvRows::F16(v) => v.len(),
+        }
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values `range`, widened to f32, into `out` (`range.len()` long).
+    pub fn read(&self, range: core::ops::Range<usize>, out: &mut [f32]) {
+        match self {
+            KvRows::F32(v) => out.copy_from_slice(&v[range]),
+            KvRows::F16(v) => {
+                for (o, &h) in out.iter_mut().zip(&v[range]) {
+                    *o = petrel_quant::blocks::f16_to_f32(h);
+                }
+            }
+        }
+    }
+
+    /// The values from `start` on (a tile kernel's view).
+    pub fn from(&self, start: usize) -> Self {
+        match *self {
+            KvRows::F32(v) => KvRows::F32(&v[start..]),
+            KvRows::F16(v) => KvRows::F16(&v[start..]),
+        }
+    }
+}
+
+/// Keys and values of every layer for up to `capacity` rows each, stored as [`KvType`]
+/// says.
 ///
 /// Layout: `k[layer][row][kv_head * head_dim + i]` (likewise `v`), contiguous, with keys
 /// stored after RoPE. Row `r` of a layer holds the `r`-th token that went through that
@@ -17,8 +151,9 @@ use crate::config::ModelConfig;
 /// position.
 #[derive(Debug)]
 pub struct KvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Store,
+    v: Store,
+    kv_type: KvType,
     positions: Vec<u32>,
     /// Rows written per layer.
     lens: Vec<usize>,
@@ -27,32 +162,51 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions of `config`'s model, or `None` if that many bytes
-    /// cannot be allocated (the size comes from the file and the caller, so it may be
-    /// absurd; this reports it instead of aborting).
+    /// A cache for `capacity` positions of `config`'s model in f32, or `None` if that many
+    /// bytes cannot be allocated (the size comes from the file and the caller, so it may
+    /// be absurd; this reports it instead of aborting).
     pub fn new(config: &ModelConfig, capacity: usize) -> Option<Self> {
-        let rows = config.layers.checked_mul(capacity)?;
-        let n = rows.checked_mul(config.kv_dim())?;
+        Self::with_type(config, capacity, KvType::F32)
+    }
+
+    /// As [`KvCache::new`], storing keys and values as `kv_type`.
+    pub fn with_type(config: &ModelConfig, capacity: usize, kv_type: KvType) -> Option<Self> {
+        Self::sized(config.layers, config.kv_dim(), capacity, kv_type)
+    }
+
+    /// A cache of `layers` layers of `capacity` rows of `kv_dim` keys and values.
+    fn sized(layers: usize, kv_dim: usize, capacity: usize, kv_type: KvType) -> Option<Self> {
+        let rows = layers.checked_mul(capacity)?;
+        let n = rows.checked_mul(kv_dim)?;
         if capacity > u32::MAX as usize {
             return None;
         }
-        // Probe that the allocation can succeed, then let `vec!` take zeroed memory from
-        // the allocator (calloc: pages stay untouched, so unused context — and the rows a
-        // routed block never writes — cost no RSS; filling a reserved Vec would write
-        // every page).
-        Vec::<f32>::new().try_reserve_exact(n).ok()?;
-        let k = vec![0.0f32; n];
-        Vec::<f32>::new().try_reserve_exact(n).ok()?;
-        let v = vec![0.0f32; n];
+        let k = Store::zeroed(kv_type, n)?;
+        let v = Store::zeroed(kv_type, n)?;
         Vec::<u32>::new().try_reserve_exact(rows).ok()?;
         let positions = vec![0u32; rows];
-        Some(KvCache { k, v, positions, lens: vec![0; config.layers], capacity, kv_dim: config.kv_dim() })
+        Some(KvCache { k, v, kv_type, positions, lens: vec![0; layers], capacity, kv_dim })
     }
 
-    /// Bytes a cache of `capacity` positions of `config`'s model needs (saturating).
-    pub fn bytes_for(config: &ModelConfig, capacity: usize) -> usize {
-        let per_row = 2usize.saturating_mul(config.kv_dim()).saturating_mul(core::mem::size_of::<f32>()) + 4;
-        config.layers.saturating_mul(capacity).saturating_mul(per_row)
+    /// Bytes a cache of `capacity` positions of `config`'s model needs in `kv_type`
+    /// (saturating).
+    pub fn bytes_for(config: &ModelConfig, capacity: usize, kv_type: KvType) -> usize {
+        config.layers.saturating_mul(capacity).saturating_mul(Self::row_bytes(config.kv_dim(), kv_type))
+    }
+
+    /// Bytes per cached token and layer: keys, values and the position.
+    fn row_bytes(kv_dim: usize, kv_type: KvType) -> usize {
+        2usize.saturating_mul(kv_dim).saturating_mul(kv_type.bytes_per_value()).saturating_add(4)
+    }
+
+    /// How keys and values are stored.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Bytes one token takes across all layers (keys, values, positions).
+    pub fn bytes_per_token(&self) -> usize {
+        self.lens.len() * Self::row_bytes(self.kv_dim, self.kv_type)
     }
 
     /// Positions the cache can hold.
@@ -62,13 +216,13 @@ impl KvCache {
 
     /// Bytes the cache reserves.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * core::mem::size_of::<f32>() + self.positions.len() * 4
+        (self.k.len() + self.v.len()) * self.kv_type.bytes_per_value() + self.positions.len() * 4
     }
 
     /// Bytes of keys and values written so far (rows in use across layers): what a cache
     /// sized to its contents would need.
     pub fn bytes_in_use(&self) -> usize {
-        self.lens.iter().sum::<usize>() * 2 * self.kv_dim * core::mem::size_of::<f32>()
+        self.lens.iter().sum::<usize>() * 2 * self.kv_dim * self.kv_type.bytes_per_value()
     }
 
     /// Rows written in `layer`: tokens that went through it.
@@ -85,9 +239,9 @@ impl KvCache {
     /// Keys and values of `layer` (each `capacity × kv_dim`; the first [`KvCache::len`]
     /// rows are valid).
     #[inline]
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    pub fn layer(&self, layer: usize) -> (KvRows<'_>, KvRows<'_>) {
         let n = self.capacity * self.kv_dim;
-        (&self.k[layer * n..(layer + 1) * n], &self.v[layer * n..(layer + 1) * n])
+        (self.k.rows(layer * n..(layer + 1) * n), self.v.rows(layer * n..(layer + 1) * n))
     }
 
     /// Positions of `layer`'s rows, increasing.
@@ -96,13 +250,13 @@ impl KvCache {
     }
 
     /// Appends the rows `k` and `v` (`tokens × kv_dim`, row-major) of tokens at
-    /// `positions` (increasing, after every row already in the layer) to `layer`. The
-    /// caller checked that they fit.
+    /// `positions` (increasing, after every row already in the layer) to `layer`,
+    /// converted to the cache's type. The caller checked that they fit.
     pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32], positions: impl Iterator<Item = usize>) {
         let len = self.lens[layer];
         let start = (layer * self.capacity + len) * self.kv_dim;
-        self.k[start..start + k.len()].copy_from_slice(k);
-        self.v[start..start + v.len()].copy_from_slice(v);
+        self.k.write(start, k);
+        self.v.write(start, v);
         let rows = k.len() / self.kv_dim;
         let first = layer * self.capacity + len;
         for (slot, p) in self.positions[first..first + rows].iter_mut().zip(positions) {
@@ -117,5 +271,39 @@ impl KvCache {
             let kept = self.positions(layer).partition_point(|&p| (p as usize) < position);
             self.lens[layer] = kept;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_rows_round_to_nearest_and_read_back_widened() {
+        let (layers, kv) = (2, 24);
+        for kv_type in KvType::ALL {
+            let mut cache = KvCache::sized(layers, kv, 4, kv_type).expect("fits");
+            assert_eq!(cache.kv_type(), kv_type);
+            assert_eq!(cache.bytes_per_token(), layers * (2 * kv * kv_type.bytes_per_value() + 4));
+            let k: Vec<f32> = (0..2 * kv).map(|i| (i as f32 * 0.377).sin() * 3.0 + 1e-3).collect();
+            let v: Vec<f32> = k.iter().map(|x| -x * 7.0).collect();
+            cache.append(1, &k, &v, [5usize, 9].into_iter());
+            assert_eq!((cache.len(0), cache.len(1)), (0, 2));
+            assert_eq!(cache.positions(1), &[5, 9]);
+            let (keys, values) = cache.layer(1);
+            let (mut rk, mut rv) = (vec![0f32; 2 * kv], vec![0f32; 2 * kv]);
+            keys.read(0..2 * kv, &mut rk);
+            values.read(0..2 * kv, &mut rv);
+            let round = |x: f32| match kv_type {
+                KvType::F32 => x,
+                KvType::F16 => half::f16::from_f32(x).to_f32(),
+            };
+            assert!(rk.iter().zip(&k).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
+            assert!(rv.iter().zip(&v).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
+            cache.truncate(6);
+            assert_eq!(cache.len(1), 1);
+        }
+        assert_eq!(KvType::parse("f16"), Some(KvType::F16));
+        assert_eq!(KvType::parse("q3"), None);
     }
 }

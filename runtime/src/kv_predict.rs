@@ -237,11 +237,11 @@ pub fn predict_rows_member(
         for a in 0..predictor.aux.layers.len() {
             let (keys, values) = aux_cache.layer(a);
             // Pre-RoPE auxiliary keys in `att`, values in `xb` (both `b × kv_dim`).
-            s.att[..b * kv].copy_from_slice(&keys[start * kv..(start + b) * kv]);
+            keys.read(start * kv..(start + b) * kv, &mut s.att[..b * kv]);
             for t in 0..b {
                 ops::unapply_rope(&mut s.att[t * kv..(t + 1) * kv], hd, &s.rope[0][t * rd..(t + 1) * rd]);
             }
-            s.xb[..b * kv].copy_from_slice(&values[start * kv..(start + b) * kv]);
+            values.read(start * kv..(start + b) * kv, &mut s.xb[..b * kv]);
             for l in (0..c.layers).filter(|&l| predictor.layer_map[l] == a) {
                 let (key_map, value_map) = (&predictor.keys[l], &predictor.values[l]);
                 s.act.load(&s.att, b, kv);

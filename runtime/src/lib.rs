@@ -49,6 +49,7 @@ pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use gguf::{GgufError, GgufFile};
+pub use kv_cache::KvType;
 pub use model::{Model, ModelError};
 pub use petrel_quant::Kernels;
 pub use sampler::{Sampler, SamplerConfig};

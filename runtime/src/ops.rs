@@ -2,6 +2,7 @@
 
 use core::ops::Range;
 
+use crate::kv_cache::KvRows;
 use petrel_quant::float::{exp_poly, KEY_TILE};
 use petrel_quant::FloatKernels;
 
@@ -160,8 +161,8 @@ pub fn attend_batch(
     fk: &FloatKernels,
     out: &mut [f32],
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     shape: AttentionShape,
     position: usize,
     items: Range<usize>,
@@ -211,8 +212,8 @@ fn attend_queries(
     fk: &FloatKernels,
     out: &mut [f32],
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     shape: AttentionShape,
     kv: usize,
     position: usize,
@@ -244,7 +245,11 @@ fn attend_queries(
             let base = start * kv_dim + offset;
             let n = (last + 1 - start).min(tile_start + KEY_TILE - start);
             let qb = query.token * shape.heads * head_dim + (query.item % shape.heads) * head_dim;
-            fk.tile_scores(&q[qb..qb + head_dim], &keys[base..], kv_dim, n, &mut tile);
+            let query_row = &q[qb..qb + head_dim];
+            match keys {
+                KvRows::F32(k) => fk.tile_scores(query_row, &k[base..], kv_dim, n, &mut tile),
+                KvRows::F16(k) => fk.tile_scores_f16(query_row, &k[base..], kv_dim, n, &mut tile),
+            }
             for s in tile[..n].iter_mut() {
                 *s *= scale;
             }
@@ -261,7 +266,10 @@ fn attend_queries(
                 max[i] = tile_max;
             }
             denom[i] += fk.tile_exp(&mut tile, n, max[i]);
-            fk.tile_pv(o, &tile, n, &values[base..], kv_dim);
+            match values {
+                KvRows::F32(v) => fk.tile_pv(o, &tile, n, &v[base..], kv_dim),
+                KvRows::F16(v) => fk.tile_pv_f16(o, &tile, n, &v[base..], kv_dim),
+            }
         }
     }
     for (i, query) in queries.iter().enumerate() {
@@ -328,8 +336,8 @@ mod tests {
                         fk,
                         &mut out[start * head_dim..end * head_dim],
                         &q,
-                        &keys,
-                        &values,
+                        KvRows::F32(&keys),
+                        KvRows::F32(&values),
                         shape,
                         position,
                         start..end,
@@ -344,11 +352,34 @@ mod tests {
                     assert_eq!(run(&fk, split), reference, "{heads}/{kv_heads}/{head_dim} split {split}");
                 }
             }
+            // An f16 cache gives exactly what the f32 one gives on the same values widened.
+            let half = |x: &[f32]| -> Vec<u16> { x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect() };
+            let (keys16, values16) = (half(&keys), half(&values));
+            let widen = |x: &[u16]| -> Vec<f32> { x.iter().map(|&h| half::f16::from_bits(h).to_f32()).collect() };
+            let (keys_wide, values_wide) = (widen(&keys16), widen(&values16));
+            for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+                let mut wide = vec![0f32; items * head_dim];
+                let mut narrow = vec![0f32; items * head_dim];
+                let (kw, vw) = (KvRows::F32(&keys_wide), KvRows::F32(&values_wide));
+                attend_batch(&fk, &mut wide, &q, kw, vw, shape, position, 0..items);
+                let (kn, vn) = (KvRows::F16(&keys16), KvRows::F16(&values16));
+                attend_batch(&fk, &mut narrow, &q, kn, vn, shape, position, 0..items);
+                assert_eq!(wide, narrow, "{heads}/{kv_heads}/{head_dim}: f16 cache");
+            }
             // Batch independence: each token alone, at its own position.
             for t in 0..tokens {
                 let mut out = vec![0f32; heads * head_dim];
                 let qt = &q[t * dim..(t + 1) * dim];
-                attend_batch(&FloatKernels::detect(), &mut out, qt, &keys, &values, shape, position + t, 0..heads);
+                attend_batch(
+                    &FloatKernels::detect(),
+                    &mut out,
+                    qt,
+                    KvRows::F32(&keys),
+                    KvRows::F32(&values),
+                    shape,
+                    position + t,
+                    0..heads,
+                );
                 assert_eq!(out[..], reference[t * dim..(t + 1) * dim], "token {t} alone");
             }
             let scale = 1.0 / (head_dim as f64).sqrt();
@@ -397,7 +428,7 @@ mod tests {
                 for start in (0..items).step_by(split) {
                     let end = (start + split).min(items);
                     let o = &mut out[start * head_dim..end * head_dim];
-                    attend_batch(fk, o, &q, &keys, &values, shape, position, start..end);
+                    attend_batch(fk, o, &q, KvRows::F32(&keys), KvRows::F32(&values), shape, position, start..end);
                 }
                 out
             };

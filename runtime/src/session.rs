@@ -1,5 +1,6 @@
 //! A generation session: one model, one KV cache allocated once, and the decode loop.
 
+use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 use petrel_quant::Kernels;
@@ -7,7 +8,7 @@ use petrel_quant::Kernels;
 use crate::backend::native::NativeBackend;
 use crate::backend::Backend;
 use crate::forward::{forward, forward_member, ActivationTap, Compute, Logits, RunState};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvType};
 use crate::kv_predict::{predicted_prefill_member, KvPredictor};
 use crate::model::Model;
 use crate::parallel::Team;
@@ -36,6 +37,8 @@ pub struct SessionOptions {
     /// later turns of a conversation (a prefill at a position above 0) and one-token prompts
     /// run the base as usual.
     pub kv_prediction: bool,
+    /// How the KV cache stores keys and values (the auxiliary model's cache included).
+    pub kv_type: KvType,
 }
 
 impl Default for SessionOptions {
@@ -47,6 +50,7 @@ impl Default for SessionOptions {
             kernels: None,
             prefill_routing: PrefillRouting::TopK,
             kv_prediction: false,
+            kv_type: KvType::F32,
         }
     }
 }
@@ -156,14 +160,15 @@ impl<'m, 'a> Session<'m, 'a> {
         }
         let team = Team::new(options.threads.min(external.map_or(usize::MAX, |b| b.max_team())));
         let native = NativeBackend::with_kernels(options.kernels.unwrap_or_else(Kernels::detect));
-        let cache = KvCache::new(&model.config, capacity)
-            .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity) })?;
+        let kv_type = options.kv_type;
+        let cache = KvCache::with_type(&model.config, capacity, kv_type)
+            .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity, kv_type) })?;
         let aux_cache = match (options.kv_prediction, &model.kv_predictor) {
             (false, _) => None,
             (true, None) => return Err(SessionError::NoKvPredictor),
             (true, Some(p)) => Some(
-                KvCache::new(&p.aux.config, capacity)
-                    .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&p.aux.config, capacity) })?,
+                KvCache::with_type(&p.aux.config, capacity, kv_type)
+                    .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&p.aux.config, capacity, kv_type) })?,
             ),
         };
         Ok(Session {
@@ -228,12 +233,26 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache.len(layer)
     }
 
-    /// The keys (after RoPE) and values cached for block `layer`: [`Session::tokens_through`]
-    /// rows of `kv_dim` each, row-major, in position order.
-    pub fn kv_rows(&self, layer: usize) -> (&[f32], &[f32]) {
-        let rows = self.cache.len(layer) * self.model.config.kv_dim();
+    /// The keys (after RoPE) and values cached for block `layer`, widened to f32:
+    /// [`Session::tokens_through`] rows of `kv_dim` each, row-major, in position order.
+    pub fn kv_rows(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.cache.len(layer) * self.model.config.kv_dim();
         let (keys, values) = self.cache.layer(layer);
-        (&keys[..rows], &values[..rows])
+        let (mut k, mut v) = (vec![0f32; n], vec![0f32; n]);
+        keys.read(0..n, &mut k);
+        values.read(0..n, &mut v);
+        (k, v)
+    }
+
+    /// How the KV cache stores keys and values.
+    pub fn kv_type(&self) -> KvType {
+        self.cache.kv_type()
+    }
+
+    /// KV-cache bytes per token of context (every layer's keys, values and position; the
+    /// auxiliary model's cache included, with KV prediction on).
+    pub fn cache_bytes_per_token(&self) -> usize {
+        self.cache.bytes_per_token() + self.aux_cache.as_ref().map_or(0, KvCache::bytes_per_token)
     }
 
     /// Positions of the tokens that have gone through block `layer`, increasing.

@@ -27,6 +27,7 @@ use spin::Mutex;
 
 use super::Backend;
 use crate::config::RopeStyle;
+use crate::kv_cache::KvRows;
 use crate::linear::{ActivationBatch, Gather, Linear};
 use crate::model::{Model, ModelError};
 use crate::ops::AttentionShape;
@@ -171,8 +172,8 @@ impl Backend for CandleBackend {
         &self,
         out: &mut [f32],
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
         shape: AttentionShape,
         first_row: usize,
         items: Range<usize>,
@@ -190,8 +191,15 @@ impl Backend for CandleBackend {
                 let t = t.transpose(0, 1)?; // [kv_heads, rows, d]
                 t.unsqueeze(1)?.expand((kv_heads, heads / kv_heads, rows, head_dim))?.reshape((heads, rows, head_dim))
             };
-            let k = expand(self.upload(&keys[..rows * kv], &[rows, kv_heads, head_dim]))?;
-            let v = expand(self.upload(&values[..rows * kv], &[rows, kv_heads, head_dim]))?;
+            // The cache's rows, widened to f32 where it stores f16 (host side; the candle
+            // backend uploads its operands per call anyway).
+            let widen = |rows_of: KvRows<'_>| -> Vec<f32> {
+                let mut wide = vec![0f32; rows * kv];
+                rows_of.read(0..rows * kv, &mut wide);
+                wide
+            };
+            let k = expand(self.upload(&widen(keys), &[rows, kv_heads, head_dim]))?;
+            let v = expand(self.upload(&widen(values), &[rows, kv_heads, head_dim]))?;
             let scores = (q.contiguous()?.matmul(&k.t()?)? * scale as f64)?;
             // Token t sees rows shape.first_row(first_row + t) ..= first_row + t.
             let mask: Vec<u8> = (0..tokens)

@@ -30,6 +30,7 @@ pub mod tract;
 use core::ops::Range;
 
 use crate::config::RopeStyle;
+use crate::kv_cache::KvRows;
 use crate::linear::{ActivationBatch, Gather, Linear};
 use crate::ops::AttentionShape;
 use crate::parallel::Member;
@@ -66,8 +67,8 @@ pub trait Backend: Sync {
         &self,
         out: &mut [f32],
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
         shape: AttentionShape,
         first_row: usize,
         items: Range<usize>,

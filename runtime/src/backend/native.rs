@@ -10,6 +10,7 @@ use petrel_quant::{FloatKernels, Kernels};
 
 use super::Backend;
 use crate::config::RopeStyle;
+use crate::kv_cache::KvRows;
 use crate::linear::{ActivationBatch, Gather, Linear};
 use crate::ops::{self, AttentionShape};
 use crate::parallel::Member;
@@ -91,8 +92,8 @@ impl Backend for NativeBackend {
         &self,
         out: &mut [f32],
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
         shape: AttentionShape,
         first_row: usize,
         items: Range<usize>,

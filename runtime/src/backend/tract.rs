@@ -39,6 +39,7 @@ use tract_linalg::block_quant::{BlockQuantFact, BlockQuantStorage, Q4_0};
 use super::native::NativeBackend;
 use super::Backend;
 use crate::config::RopeStyle;
+use crate::kv_cache::KvRows;
 use crate::linear::{ActivationBatch, Gather, Linear, WeightStorage};
 use crate::model::{Model, ModelError};
 use crate::ops::AttentionShape;
@@ -236,8 +237,8 @@ impl Backend for TractBackend {
         &self,
         out: &mut [f32],
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: KvRows<'_>,
+        values: KvRows<'_>,
         shape: AttentionShape,
         first_row: usize,
         items: Range<usize>,
