@@ -16,6 +16,7 @@
 
 mod backends_bench;
 mod kernels;
+mod kv_bench;
 mod kvp_bench;
 mod mod_bench;
 mod peak;
@@ -65,6 +66,10 @@ enum BenchCommand {
     /// Each backend (native, candle) on the same model and threads: prefill and decode
     /// tokens per second as ratios to native; writes bench/results/backends.{json,md}.
     Backends(backends_bench::BackendsArgs),
+    /// Each KV-cache type (f32, f16) on the same model and threads: bytes per token and
+    /// decode speed after a long prompt, as ratios to f32; writes
+    /// bench/results/kv-cache.{json,md}.
+    Kv(kv_bench::KvArgs),
 }
 
 /// The default benchmark: the same GGUF files through Petrel and llama.cpp.
@@ -129,6 +134,7 @@ fn main() -> Result<()> {
         Some(BenchCommand::Mod(args)) => mod_bench::run(&args),
         Some(BenchCommand::Kvp(args)) => kvp_bench::run(&args),
         Some(BenchCommand::Backends(args)) => backends_bench::run(&args),
+        Some(BenchCommand::Kv(args)) => kv_bench::run(&args),
         None => same_file_bench(&cli.args),
     }
 }

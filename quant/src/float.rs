@@ -26,19 +26,33 @@ pub struct FloatKernels {
     tile_pv: fn(&mut [f32], &[f32; KEY_TILE], usize, &[f32], usize),
     tile_scores_f16: fn(&[f32], &[u16], usize, usize, &mut [f32; KEY_TILE]),
     tile_pv_f16: fn(&mut [f32], &[f32; KEY_TILE], usize, &[u16], usize),
+    tile_scores_i8: fn(&[f32], &[i8], usize, usize, &mut [f32; KEY_TILE]),
+    tile_pv_i8: fn(&mut [f32], &[f32; KEY_TILE], usize, &[i8], usize),
 }
 
-/// An element of a key/value cache row that the attention tile kernels read: `f32`, or an
-/// IEEE half stored as its bits (`u16`), widened exactly to f32 on load.
+/// An element of a key/value cache row that the attention tile kernels read: `f32`, an
+/// IEEE half stored as its bits (`u16`), or a signed 8-bit code (`i8`, whose row scale the
+/// caller applies); each widened exactly to f32 on load.
 pub trait KvElement: Copy + 'static {
-    /// True for the half-precision bits.
-    const HALF: bool;
+    /// How the SIMD kernels load eight of them.
+    const KIND: ElementKind;
     /// The value as f32 (exact).
     fn to_f32(self) -> f32;
 }
 
+/// The storage kinds of [`KvElement`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElementKind {
+    /// f32.
+    Single,
+    /// f16 bits.
+    Half,
+    /// i8 codes.
+    Byte,
+}
+
 impl KvElement for f32 {
-    const HALF: bool = false;
+    const KIND: ElementKind = ElementKind::Single;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -46,10 +60,18 @@ impl KvElement for f32 {
 }
 
 impl KvElement for u16 {
-    const HALF: bool = true;
+    const KIND: ElementKind = ElementKind::Half;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         crate::blocks::f16_to_f32(self)
+    }
+}
+
+impl KvElement for i8 {
+    const KIND: ElementKind = ElementKind::Byte;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
     }
 }
 
@@ -67,6 +89,8 @@ impl FloatKernels {
             tile_pv: scalar::tile_pv,
             tile_scores_f16: scalar::tile_scores,
             tile_pv_f16: scalar::tile_pv,
+            tile_scores_i8: scalar::tile_scores,
+            tile_pv_i8: scalar::tile_pv,
         }
     }
 
@@ -85,6 +109,8 @@ impl FloatKernels {
                 tile_pv: x86::tile_pv,
                 tile_scores_f16: x86::tile_scores,
                 tile_pv_f16: x86::tile_pv,
+                tile_scores_i8: x86::tile_scores,
+                tile_pv_i8: x86::tile_pv,
             };
         }
         Self::scalar()
@@ -170,6 +196,28 @@ impl FloatKernels {
             assert!(values.len() >= (n - 1) * stride + out.len());
         }
         (self.tile_pv)(out, p, n, values, stride)
+    }
+
+    /// [`FloatKernels::tile_scores`] on keys stored as i8 codes (the caller multiplies each
+    /// score by its key's scale): bit-identical to it on the codes widened to f32.
+    #[inline]
+    pub fn tile_scores_i8(&self, q: &[f32], keys: &[i8], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let n = n.min(KEY_TILE);
+        if n > 0 {
+            assert!(keys.len() >= (n - 1) * stride + q.len());
+        }
+        (self.tile_scores_i8)(q, keys, stride, n, out)
+    }
+
+    /// [`FloatKernels::tile_pv`] on values stored as i8 codes (the caller folds each value
+    /// row's scale into its weight `p_j`): bit-identical to it on the codes widened to f32.
+    #[inline]
+    pub fn tile_pv_i8(&self, out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[i8], stride: usize) {
+        let n = n.min(KEY_TILE);
+        if n > 0 {
+            assert!(values.len() >= (n - 1) * stride + out.len());
+        }
+        (self.tile_pv_i8)(out, p, n, values, stride)
     }
 
     /// [`FloatKernels::tile_pv`] on values stored as f16 bits: bit-identical to it on the
@@ -306,10 +354,12 @@ mod x86 {
     /// Eight consecutive elements at `p + i` widened to f32 (`vcvtph2ps` for halves).
     macro_rules! load8 {
         ($t:ty, $p:expr, $i:expr) => {
-            if <$t as KvElement>::HALF {
-                _mm256_cvtph_ps(_mm_loadu_si128($p.add($i) as *const __m128i))
-            } else {
-                _mm256_loadu_ps($p.add($i) as *const f32)
+            match <$t as KvElement>::KIND {
+                super::ElementKind::Half => _mm256_cvtph_ps(_mm_loadu_si128($p.add($i) as *const __m128i)),
+                super::ElementKind::Byte => {
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64($p.add($i) as *const __m128i)))
+                }
+                super::ElementKind::Single => _mm256_loadu_ps($p.add($i) as *const f32),
             }
         };
     }
@@ -702,6 +752,30 @@ mod tests {
                     let (mut o1, mut o2) = (q.clone(), q.clone());
                     fk.tile_pv(&mut o1, &p, n, &wide, stride);
                     fk.tile_pv_f16(&mut o2, &p, n, &half, stride);
+                    assert_eq!(o1, o2, "pv {len} {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_tile_kernels_equal_the_f32_ones_on_widened_rows() {
+        for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+            for len in [1usize, 7, 8, 13, 64, 70, 136] {
+                let q: std::vec::Vec<f32> = (0..len).map(|i| (i as f32 * 0.71).sin()).collect();
+                let stride = len + 3;
+                let codes: std::vec::Vec<i8> =
+                    (0..KEY_TILE * stride).map(|i| ((i * 37) % 255) as i32 as u8 as i8).collect();
+                let wide: std::vec::Vec<f32> = codes.iter().map(|&c| c as f32).collect();
+                for n in [1, 5, 8, 9, 16] {
+                    let (mut a1, mut a2) = ([0.25f32; KEY_TILE], [0.5f32; KEY_TILE]);
+                    fk.tile_scores(&q, &wide, stride, n, &mut a1);
+                    fk.tile_scores_i8(&q, &codes, stride, n, &mut a2);
+                    assert_eq!(a1.map(f32::to_bits), a2.map(f32::to_bits), "scores {len} {n}");
+                    let p: [f32; KEY_TILE] = core::array::from_fn(|j| 0.01 * j as f32);
+                    let (mut o1, mut o2) = (q.clone(), q.clone());
+                    fk.tile_pv(&mut o1, &p, n, &wide, stride);
+                    fk.tile_pv_i8(&mut o2, &p, n, &codes, stride);
                     assert_eq!(o1, o2, "pv {len} {n}");
                 }
             }

@@ -18,25 +18,32 @@ pub enum KvType {
     /// IEEE half precision, 2 bytes per value (round to nearest even; llama.cpp's default
     /// cache type). Attention widens it exactly on load.
     F16,
+    /// 8-bit codes with one f32 scale per token and key/value head (`max |x| / 127`,
+    /// round to nearest): about 1 byte per value. Attention multiplies each key's score
+    /// and each value's weight by its scale.
+    Q8,
 }
 
 impl KvType {
     /// Every type, in the order `--kv-type` lists them.
-    pub const ALL: [KvType; 2] = [KvType::F32, KvType::F16];
+    pub const ALL: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8];
 
-    /// Bytes per stored value.
-    pub const fn bytes_per_value(self) -> usize {
+    /// Bytes of one row of `kv_dim` keys (or values) in heads of `head_dim`, scales
+    /// included.
+    pub const fn row_bytes(self, kv_dim: usize, head_dim: usize) -> usize {
         match self {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
+            KvType::F32 => 4 * kv_dim,
+            KvType::F16 => 2 * kv_dim,
+            KvType::Q8 => kv_dim + 4 * (kv_dim / head_dim),
         }
     }
 
-    /// The name `--kv-type` takes (`f32`, `f16`).
+    /// The name `--kv-type` takes (`f32`, `f16`, `q8`).
     pub const fn name(self) -> &'static str {
         match self {
             KvType::F32 => "f32",
             KvType::F16 => "f16",
+            KvType::Q8 => "q8",
         }
     }
 
@@ -51,11 +58,18 @@ impl KvType {
 enum Store {
     F32(Vec<f32>),
     F16(Vec<u16>),
+    /// Codes, and one scale per `head_dim` consecutive codes (a token's head).
+    Q8 {
+        codes: Vec<i8>,
+        scales: Vec<f32>,
+        head_dim: usize,
+    },
 }
 
 impl Store {
-    /// `n` zeroed values of `ty`, or `None` if they cannot be allocated.
-    fn zeroed(ty: KvType, n: usize) -> Option<Self> {
+    /// `n` zeroed values of `ty` in heads of `head_dim`, or `None` if they cannot be
+    /// allocated.
+    fn zeroed(ty: KvType, n: usize, head_dim: usize) -> Option<Self> {
         // Probe that the allocation can succeed, then let `vec!` take zeroed memory from
         // the allocator (calloc: pages stay untouched, so unused context — and the rows a
         // routed block never writes — cost no RSS; filling a reserved Vec would write
@@ -69,13 +83,20 @@ impl Store {
                 Vec::<u16>::new().try_reserve_exact(n).ok()?;
                 Store::F16(vec![0; n])
             }
+            KvType::Q8 => {
+                let heads = n / head_dim.max(1);
+                Vec::<i8>::new().try_reserve_exact(n).ok()?;
+                Vec::<f32>::new().try_reserve_exact(heads).ok()?;
+                Store::Q8 { codes: vec![0; n], scales: vec![0.0; heads], head_dim }
+            }
         })
     }
 
-    fn len(&self) -> usize {
+    fn bytes(&self) -> usize {
         match self {
-            Store::F32(v) => v.len(),
-            Store::F16(v) => v.len(),
+            Store::F32(v) => v.len() * 4,
+            Store::F16(v) => v.len() * 2,
+            Store::Q8 { codes, scales, .. } => codes.len() + scales.len() * 4,
         }
     }
 
@@ -83,15 +104,34 @@ impl Store {
         match self {
             Store::F32(v) => KvRows::F32(&v[range]),
             Store::F16(v) => KvRows::F16(&v[range]),
+            Store::Q8 { codes, scales, head_dim } => KvRows::Q8 {
+                scales: &scales[range.start / head_dim..range.end / head_dim],
+                codes: &codes[range],
+                head_dim: *head_dim,
+            },
         }
     }
 
+    /// Stores `values` from element `at` (a multiple of the head size) on.
     fn write(&mut self, at: usize, values: &[f32]) {
         match self {
             Store::F32(v) => v[at..at + values.len()].copy_from_slice(values),
             Store::F16(v) => {
                 for (h, &x) in v[at..at + values.len()].iter_mut().zip(values) {
                     *h = half::f16::from_f32(x).to_bits();
+                }
+            }
+            Store::Q8 { codes, scales, head_dim } => {
+                let head_dim = *head_dim;
+                let heads = codes[at..at + values.len()].chunks_exact_mut(head_dim).zip(values.chunks_exact(head_dim));
+                for (h, (out, x)) in heads.enumerate() {
+                    let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    for (c, &v) in out.iter_mut().zip(x) {
+                        *c = libm::roundf(v * inverse).clamp(-127.0, 127.0) as i8;
+                    }
+                    scales[at / head_dim + h] = scale;
                 }
             }
         }
@@ -105,6 +145,15 @@ pub enum KvRows<'a> {
     F32(&'a [f32]),
     /// f16 values as their bits.
     F16(&'a [u16]),
+    /// 8-bit codes; value `i` is `codes[i] · scales[i / head_dim]`.
+    Q8 {
+        /// The codes.
+        codes: &'a [i8],
+        /// One scale per `head_dim` codes.
+        scales: &'a [f32],
+        /// Values per head.
+        head_dim: usize,
+    },
 }
 
 impl KvRows<'_> {
@@ -113,6 +162,7 @@ impl KvRows<'_> {
         match self {
             KvRows::F32(v) => v.len(),
             KvRows::F16(v) => v.len(),
+            KvRows::Q8 { codes, .. } => codes.len(),
         }
     }
 
@@ -130,14 +180,11 @@ impl KvRows<'_> {
                     *o = petrel_quant::blocks::f16_to_f32(h);
                 }
             }
-        }
-    }
-
-    /// The values from `start` on (a tile kernel's view).
-    pub fn from(&self, start: usize) -> Self {
-        match *self {
-            KvRows::F32(v) => KvRows::F32(&v[start..]),
-            KvRows::F16(v) => KvRows::F16(&v[start..]),
+            KvRows::Q8 { codes, scales, head_dim } => {
+                for (i, o) in range.clone().zip(out.iter_mut()) {
+                    *o = codes[i] as f32 * scales[i / head_dim];
+                }
+            }
         }
     }
 }
@@ -159,6 +206,7 @@ pub struct KvCache {
     lens: Vec<usize>,
     capacity: usize,
     kv_dim: usize,
+    head_dim: usize,
 }
 
 impl KvCache {
@@ -171,32 +219,34 @@ impl KvCache {
 
     /// As [`KvCache::new`], storing keys and values as `kv_type`.
     pub fn with_type(config: &ModelConfig, capacity: usize, kv_type: KvType) -> Option<Self> {
-        Self::sized(config.layers, config.kv_dim(), capacity, kv_type)
+        Self::sized(config.layers, config.kv_dim(), config.head_dim, capacity, kv_type)
     }
 
-    /// A cache of `layers` layers of `capacity` rows of `kv_dim` keys and values.
-    fn sized(layers: usize, kv_dim: usize, capacity: usize, kv_type: KvType) -> Option<Self> {
+    /// A cache of `layers` layers of `capacity` rows of `kv_dim` keys and values, in heads
+    /// of `head_dim`.
+    fn sized(layers: usize, kv_dim: usize, head_dim: usize, capacity: usize, kv_type: KvType) -> Option<Self> {
         let rows = layers.checked_mul(capacity)?;
         let n = rows.checked_mul(kv_dim)?;
         if capacity > u32::MAX as usize {
             return None;
         }
-        let k = Store::zeroed(kv_type, n)?;
-        let v = Store::zeroed(kv_type, n)?;
+        let k = Store::zeroed(kv_type, n, head_dim)?;
+        let v = Store::zeroed(kv_type, n, head_dim)?;
         Vec::<u32>::new().try_reserve_exact(rows).ok()?;
         let positions = vec![0u32; rows];
-        Some(KvCache { k, v, kv_type, positions, lens: vec![0; layers], capacity, kv_dim })
+        Some(KvCache { k, v, kv_type, positions, lens: vec![0; layers], capacity, kv_dim, head_dim })
     }
 
     /// Bytes a cache of `capacity` positions of `config`'s model needs in `kv_type`
     /// (saturating).
     pub fn bytes_for(config: &ModelConfig, capacity: usize, kv_type: KvType) -> usize {
-        config.layers.saturating_mul(capacity).saturating_mul(Self::row_bytes(config.kv_dim(), kv_type))
+        let row = Self::row_bytes(config.kv_dim(), config.head_dim.max(1), kv_type);
+        config.layers.saturating_mul(capacity).saturating_mul(row)
     }
 
     /// Bytes per cached token and layer: keys, values and the position.
-    fn row_bytes(kv_dim: usize, kv_type: KvType) -> usize {
-        2usize.saturating_mul(kv_dim).saturating_mul(kv_type.bytes_per_value()).saturating_add(4)
+    fn row_bytes(kv_dim: usize, head_dim: usize, kv_type: KvType) -> usize {
+        2 * kv_type.row_bytes(kv_dim, head_dim) + 4
     }
 
     /// How keys and values are stored.
@@ -206,7 +256,7 @@ impl KvCache {
 
     /// Bytes one token takes across all layers (keys, values, positions).
     pub fn bytes_per_token(&self) -> usize {
-        self.lens.len() * Self::row_bytes(self.kv_dim, self.kv_type)
+        self.lens.len() * Self::row_bytes(self.kv_dim, self.head_dim, self.kv_type)
     }
 
     /// Positions the cache can hold.
@@ -216,13 +266,13 @@ impl KvCache {
 
     /// Bytes the cache reserves.
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * self.kv_type.bytes_per_value() + self.positions.len() * 4
+        self.k.bytes() + self.v.bytes() + self.positions.len() * 4
     }
 
     /// Bytes of keys and values written so far (rows in use across layers): what a cache
     /// sized to its contents would need.
     pub fn bytes_in_use(&self) -> usize {
-        self.lens.iter().sum::<usize>() * 2 * self.kv_dim * self.kv_type.bytes_per_value()
+        self.lens.iter().sum::<usize>() * 2 * self.kv_type.row_bytes(self.kv_dim, self.head_dim)
     }
 
     /// Rows written in `layer`: tokens that went through it.
@@ -280,11 +330,16 @@ mod tests {
 
     #[test]
     fn f16_rows_round_to_nearest_and_read_back_widened() {
-        let (layers, kv) = (2, 24);
+        let (layers, kv, head_dim) = (2, 24, 8);
         for kv_type in KvType::ALL {
-            let mut cache = KvCache::sized(layers, kv, 4, kv_type).expect("fits");
+            let mut cache = KvCache::sized(layers, kv, head_dim, 4, kv_type).expect("fits");
             assert_eq!(cache.kv_type(), kv_type);
-            assert_eq!(cache.bytes_per_token(), layers * (2 * kv * kv_type.bytes_per_value() + 4));
+            let row = match kv_type {
+                KvType::F32 => 4 * kv,
+                KvType::F16 => 2 * kv,
+                KvType::Q8 => kv + 4 * 3,
+            };
+            assert_eq!(cache.bytes_per_token(), layers * (2 * row + 4));
             let k: Vec<f32> = (0..2 * kv).map(|i| (i as f32 * 0.377).sin() * 3.0 + 1e-3).collect();
             let v: Vec<f32> = k.iter().map(|x| -x * 7.0).collect();
             cache.append(1, &k, &v, [5usize, 9].into_iter());
@@ -294,16 +349,28 @@ mod tests {
             let (mut rk, mut rv) = (vec![0f32; 2 * kv], vec![0f32; 2 * kv]);
             keys.read(0..2 * kv, &mut rk);
             values.read(0..2 * kv, &mut rv);
-            let round = |x: f32| match kv_type {
-                KvType::F32 => x,
-                KvType::F16 => half::f16::from_f32(x).to_f32(),
-            };
-            assert!(rk.iter().zip(&k).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
-            assert!(rv.iter().zip(&v).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
+            match kv_type {
+                KvType::F32 | KvType::F16 => {
+                    let round = |x: f32| if kv_type == KvType::F16 { half::f16::from_f32(x).to_f32() } else { x };
+                    assert!(rk.iter().zip(&k).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
+                    assert!(rv.iter().zip(&v).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
+                }
+                KvType::Q8 => {
+                    // Within half a step of each head's scale, and each head's largest value
+                    // exact up to the scale's rounding.
+                    for (got, want) in [(&rk, &k), (&rv, &v)] {
+                        for (g, w) in got.chunks_exact(head_dim).zip(want.chunks_exact(head_dim)) {
+                            let step = w.iter().fold(0f32, |m, &x| m.max(x.abs())) / 127.0;
+                            assert!(g.iter().zip(w).all(|(a, b)| (a - b).abs() <= 0.5 * step * 1.0001));
+                        }
+                    }
+                }
+            }
             cache.truncate(6);
             assert_eq!(cache.len(1), 1);
         }
         assert_eq!(KvType::parse("f16"), Some(KvType::F16));
+        assert_eq!(KvType::parse("q8"), Some(KvType::Q8));
         assert_eq!(KvType::parse("q3"), None);
     }
 }

@@ -249,6 +249,13 @@ fn attend_queries(
             match keys {
                 KvRows::F32(k) => fk.tile_scores(query_row, &k[base..], kv_dim, n, &mut tile),
                 KvRows::F16(k) => fk.tile_scores_f16(query_row, &k[base..], kv_dim, n, &mut tile),
+                KvRows::Q8 { codes, scales, .. } => {
+                    fk.tile_scores_i8(query_row, &codes[base..], kv_dim, n, &mut tile);
+                    let heads = shape.kv_heads;
+                    for (j, s) in tile[..n].iter_mut().enumerate() {
+                        *s *= scales[(start + j) * heads + kv];
+                    }
+                }
             }
             for s in tile[..n].iter_mut() {
                 *s *= scale;
@@ -269,6 +276,15 @@ fn attend_queries(
             match values {
                 KvRows::F32(v) => fk.tile_pv(o, &tile, n, &v[base..], kv_dim),
                 KvRows::F16(v) => fk.tile_pv_f16(o, &tile, n, &v[base..], kv_dim),
+                KvRows::Q8 { codes, scales, .. } => {
+                    // Each value row's scale folds into its weight (after the denominator
+                    // took the unscaled weights).
+                    let heads = shape.kv_heads;
+                    for (j, p) in tile[..n].iter_mut().enumerate() {
+                        *p *= scales[(start + j) * heads + kv];
+                    }
+                    fk.tile_pv_i8(o, &tile, n, &codes[base..], kv_dim);
+                }
             }
         }
     }
@@ -365,6 +381,50 @@ mod tests {
                 let (kn, vn) = (KvRows::F16(&keys16), KvRows::F16(&values16));
                 attend_batch(&fk, &mut narrow, &q, kn, vn, shape, position, 0..items);
                 assert_eq!(wide, narrow, "{heads}/{kv_heads}/{head_dim}: f16 cache");
+            }
+            // A q8 cache: the same across kernel sets, and within float rounding of the f32
+            // cache holding the dequantized values.
+            let quantize = |x: &[f32]| -> (Vec<i8>, Vec<f32>) {
+                let mut codes = vec![0i8; x.len()];
+                let mut scales = Vec::new();
+                for (c, h) in codes.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)) {
+                    let scale = h.iter().fold(0f32, |m, &v| m.max(v.abs())) / 127.0;
+                    for (c, &v) in c.iter_mut().zip(h) {
+                        *c = if scale > 0.0 { libm::roundf(v / scale) as i8 } else { 0 };
+                    }
+                    scales.push(scale);
+                }
+                (codes, scales)
+            };
+            let ((kc, ks), (vc, vs)) = (quantize(&keys), quantize(&values));
+            let dequantize = |c: &[i8], sc: &[f32]| -> Vec<f32> {
+                c.iter().enumerate().map(|(i, &v)| v as f32 * sc[i / head_dim]).collect()
+            };
+            let (kd, vd) = (dequantize(&kc, &ks), dequantize(&vc, &vs));
+            let mut dense = vec![0f32; items * head_dim];
+            attend_batch(
+                &FloatKernels::scalar(),
+                &mut dense,
+                &q,
+                KvRows::F32(&kd),
+                KvRows::F32(&vd),
+                shape,
+                position,
+                0..items,
+            );
+            let mut first: Option<Vec<f32>> = None;
+            for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+                let mut got = vec![0f32; items * head_dim];
+                let kq = KvRows::Q8 { codes: &kc, scales: &ks, head_dim };
+                let vq = KvRows::Q8 { codes: &vc, scales: &vs, head_dim };
+                attend_batch(&fk, &mut got, &q, kq, vq, shape, position, 0..items);
+                for (a, b) in got.iter().zip(&dense) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "q8 cache: {a} vs {b}");
+                }
+                if let Some(f) = &first {
+                    assert_eq!(f, &got, "q8 cache differs across kernel sets");
+                }
+                first = Some(got);
             }
             // Batch independence: each token alone, at its own position.
             for t in 0..tokens {

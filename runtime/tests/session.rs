@@ -28,18 +28,20 @@ fn logits_with(model: &Model<'_>, prompt: &[u32], threads: usize, max_batch: usi
     all
 }
 
-/// Largest |Δlogit| an f16 cache may cause on the f32 cache's top 64 tokens of SmolLM2.
-/// Rounding keys and values to 11 significant bits moves SmolLM2's logits by up to ~1
-/// (measured 1.15 over the whole vocabulary at one of five positions; its keys carry large
-/// outlier channels, whose rounding error the dot product scales up); llama.cpp caches f16 by
-/// default, and its logits differ from Petrel's f32-cache ones by up to 2.02 (the golden
-/// test). Perplexity per cache type is in the README.
+/// Largest |Δlogit| an f16 or q8 cache may cause on the f32 cache's top 64 tokens of
+/// SmolLM2. Rounding keys and values to 11 significant bits moves SmolLM2's logits by up
+/// to ~1 (measured: f16 0.76 on the top 64 and 1.15 over the vocabulary, q8 1.02 on the
+/// top 64; its keys carry large outlier channels, whose rounding error the dot product
+/// scales up); llama.cpp caches f16 by default, and its logits differ from Petrel's
+/// f32-cache ones by up to 2.02 (the golden test). Perplexity per cache type is in the
+/// README.
 const F16_TOP64_TOLERANCE: f32 = 1.5;
 
-/// An f16 KV cache: half the bytes per token, logits near the f32 cache's on SmolLM2, the
-/// same greedy tokens, and still bit-identical for every thread count and batch size.
+/// f16 and q8 KV caches: half and about a quarter of the bytes per token, logits near the
+/// f32 cache's on SmolLM2, the same greedy tokens, and (f16) still bit-identical for every
+/// thread count and batch size.
 #[test]
-fn f16_cache_halves_the_bytes_and_stays_close_to_f32() {
+fn f16_and_q8_caches_shrink_the_bytes_and_stay_close_to_f32() {
     let file = model_file();
     let gguf = GgufFile::parse(file.bytes()).expect("valid GGUF");
     let model = Model::load(&gguf).expect("model loads");
@@ -69,6 +71,22 @@ fn f16_cache_halves_the_bytes_and_stays_close_to_f32() {
     }
     println!("f16 cache: max |Δlogit| {worst_top:.4} on the f32 cache's top 64, {worst_all:.4} over the vocabulary");
     assert!(worst_top < F16_TOP64_TOLERANCE, "f16 cache moved a top-64 logit by {worst_top}");
+    let q8 = logits_with(&model, &prompt, 1, 64, KvType::Q8);
+    let mut worst_q8 = 0f32;
+    for (a, b) in wide.chunks_exact(vocab).zip(q8.chunks_exact(vocab)) {
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
+        worst_q8 = order[..64].iter().map(|&i| (a[i] - b[i]).abs()).fold(worst_q8, f32::max);
+        assert_eq!(argmax(a), argmax(b), "q8 cache changed a greedy token");
+    }
+    println!("q8 cache: max |Δlogit| {worst_q8:.4} on the f32 cache's top 64");
+    assert!(worst_q8 < F16_TOP64_TOLERANCE, "q8 cache moved a top-64 logit by {worst_q8}");
+    let q8_bytes = {
+        let options = SessionOptions { capacity: 64, kv_type: KvType::Q8, ..SessionOptions::default() };
+        Session::new(&model, options).expect("session").cache_bytes_per_token()
+    };
+    let heads = model.config.kv_heads;
+    assert_eq!(q8_bytes, layers * (2 * (model.config.kv_dim() + 4 * heads) + 4));
     for (threads, max_batch) in [(2, 64), (1, 5)] {
         let other = logits_with(&model, &prompt, threads, max_batch, KvType::F16);
         assert!(
