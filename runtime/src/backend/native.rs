@@ -180,7 +180,11 @@ mod matmul {
                     *o = dot(row, activations);
                 }
             }
-            (WeightStorage::Quantized(format), _) if tokens >= PANEL_MIN_TOKENS && compute.panel.is_some() => {
+            // (Only x86-64 has a panel kernel: elsewhere the branch is compiled out, so that
+            // firmware images carry no panel code.)
+            (WeightStorage::Quantized(format), _)
+                if cfg!(target_arch = "x86_64") && tokens >= PANEL_MIN_TOKENS && compute.panel.is_some() =>
+            {
                 x.ensure_q8();
                 let gemm = compute.panel.as_ref().expect("checked above");
                 let n = w.storage.row_bytes(w.cols);
