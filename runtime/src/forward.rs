@@ -436,6 +436,15 @@ fn run_block(
     let tables = &s.rope[attention.rope_table][..n * c.rope_dim];
     backend.rope(&mut s.q[..n * q_dim], tables, c.rope_dim, c.head_dim, c.block.rope_style);
     backend.rope(&mut s.k[..n * kv_dim], tables, c.rope_dim, c.head_dim, c.block.rope_style);
+    if cache.read().kv_type().rotates_heads() && c.head_dim.is_power_of_two() {
+        // An 8-bit cache stores keys rotated per head by an orthonormal Hadamard, which
+        // spreads outlier channels over the head before quantization; the queries get the
+        // same rotation, so every score is unchanged. (Rotating values too, and the
+        // attention output back, measured no better: Qwen q8 perplexity +0.95% against
+        // +1.03% with keys alone, SmolLM2 +0.04% against -0.05%.)
+        rotate_heads(&mut s.q[..n * q_dim], c.head_dim);
+        rotate_heads(&mut s.k[..n * kv_dim], c.head_dim);
+    }
     if member.is_leader() {
         let positions = s.positions[..n].iter().map(|&p| p as usize);
         cache.write().append(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], positions);
@@ -565,5 +574,17 @@ fn output_head(model: &Model<'_>, s: &mut RunState, compute: &Compute<'_>, membe
     backend.matmul(&model.output, &mut s.act, &mut s.logits, member, Gather::Leader);
     if let (Some(cap), true) = (model.config.logit_softcap, member.is_leader()) {
         ops::softcap(&mut s.logits, cap);
+    }
+}
+
+/// `x ← (H / √d) x` for every head of `d` values in `x` (`H` the Sylvester–Hadamard matrix;
+/// `d` a power of two): orthonormal, so dot products between rotated heads are unchanged.
+fn rotate_heads(x: &mut [f32], head_dim: usize) {
+    let norm = 1.0 / libm::sqrtf(head_dim as f32);
+    for head in x.chunks_exact_mut(head_dim) {
+        petrel_quant::hadamard::fwht(head);
+        for v in head.iter_mut() {
+            *v *= norm;
+        }
     }
 }

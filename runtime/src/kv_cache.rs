@@ -20,7 +20,9 @@ pub enum KvType {
     F16,
     /// 8-bit codes with one f32 scale per token and key/value head (`max |x| / 127`,
     /// round to nearest): about 1 byte per value. Attention multiplies each key's score
-    /// and each value's weight by its scale.
+    /// and each value's weight by its scale. Where the head size is a power of two, keys
+    /// and queries are rotated per head by an orthonormal Hadamard before the keys are
+    /// stored ([`KvType::rotates_heads`]), so the cache holds rotated keys.
     Q8,
 }
 
@@ -36,6 +38,12 @@ impl KvType {
             KvType::F16 => 2 * kv_dim,
             KvType::Q8 => kv_dim + 4 * (kv_dim / head_dim),
         }
+    }
+
+    /// Whether the forward pass rotates queries and keys per head (by `H / √head_dim`,
+    /// for power-of-two heads) before the keys enter a cache of this type.
+    pub const fn rotates_heads(self) -> bool {
+        matches!(self, KvType::Q8)
     }
 
     /// The name `--kv-type` takes (`f32`, `f16`, `q8`).

@@ -70,6 +70,9 @@ pub enum SessionError {
     OutOfMemory { bytes: usize },
     /// KV prediction was asked for, but the model file has no predictor.
     NoKvPredictor,
+    /// KV prediction was asked for with a cache type that stores rotated keys
+    /// ([`KvType::rotates_heads`]), which the predictor's maps do not expect.
+    KvTypeWithPrediction { kv_type: &'static str },
 }
 
 impl fmt::Display for SessionError {
@@ -90,6 +93,12 @@ impl fmt::Display for SessionError {
             }
             SessionError::NoKvPredictor => {
                 write!(f, "the model has no KV predictor (petrel.kvp.* metadata); make one with `petrel kvp-fit`")
+            }
+            SessionError::KvTypeWithPrediction { kv_type } => {
+                write!(
+                    f,
+                    "KV prediction cannot fill a {kv_type} cache (it stores rotated keys); use --kv-type f32 or f16"
+                )
             }
         }
     }
@@ -161,6 +170,9 @@ impl<'m, 'a> Session<'m, 'a> {
         let team = Team::new(options.threads.min(external.map_or(usize::MAX, |b| b.max_team())));
         let native = NativeBackend::with_kernels(options.kernels.unwrap_or_else(Kernels::detect));
         let kv_type = options.kv_type;
+        if options.kv_prediction && kv_type.rotates_heads() {
+            return Err(SessionError::KvTypeWithPrediction { kv_type: kv_type.name() });
+        }
         let cache = KvCache::with_type(&model.config, capacity, kv_type)
             .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity, kv_type) })?;
         let aux_cache = match (options.kv_prediction, &model.kv_predictor) {
@@ -233,7 +245,8 @@ impl<'m, 'a> Session<'m, 'a> {
         self.cache.len(layer)
     }
 
-    /// The keys (after RoPE) and values cached for block `layer`, widened to f32:
+    /// The keys (after RoPE, and rotated per head for a cache type that
+    /// [`KvType::rotates_heads`]) and values cached for block `layer`, widened to f32:
     /// [`Session::tokens_through`] rows of `kv_dim` each, row-major, in position order.
     pub fn kv_rows(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
         let n = self.cache.len(layer) * self.model.config.kv_dim();
