@@ -165,20 +165,6 @@ pub enum KvRows<'a> {
 }
 
 impl KvRows<'_> {
-    /// Values held.
-    pub fn len(&self) -> usize {
-        match self {
-            KvRows::F32(v) => v.len(),
-            KvRows::F16(v) => v.len(),
-            KvRows::Q8 { codes, .. } => codes.len(),
-        }
-    }
-
-    /// Whether it holds no value.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Values `range`, widened to f32, into `out` (`range.len()` long).
     pub fn read(&self, range: core::ops::Range<usize>, out: &mut [f32]) {
         match self {
@@ -218,15 +204,10 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions of `config`'s model in f32, or `None` if that many
-    /// bytes cannot be allocated (the size comes from the file and the caller, so it may
-    /// be absurd; this reports it instead of aborting).
-    pub fn new(config: &ModelConfig, capacity: usize) -> Option<Self> {
-        Self::with_type(config, capacity, KvType::F32)
-    }
-
-    /// As [`KvCache::new`], storing keys and values as `kv_type`.
-    pub fn with_type(config: &ModelConfig, capacity: usize, kv_type: KvType) -> Option<Self> {
+    /// A cache for `capacity` positions of `config`'s model storing keys and values as
+    /// `kv_type`, or `None` if that many bytes cannot be allocated (the size comes from the
+    /// file and the caller, so it may be absurd; this reports it instead of aborting).
+    pub fn new(config: &ModelConfig, capacity: usize, kv_type: KvType) -> Option<Self> {
         Self::sized(config.layers, config.kv_dim(), config.head_dim, capacity, kv_type)
     }
 

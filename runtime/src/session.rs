@@ -173,13 +173,13 @@ impl<'m, 'a> Session<'m, 'a> {
         if options.kv_prediction && kv_type.rotates_heads() {
             return Err(SessionError::KvTypeWithPrediction { kv_type: kv_type.name() });
         }
-        let cache = KvCache::with_type(&model.config, capacity, kv_type)
+        let cache = KvCache::new(&model.config, capacity, kv_type)
             .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&model.config, capacity, kv_type) })?;
         let aux_cache = match (options.kv_prediction, &model.kv_predictor) {
             (false, _) => None,
             (true, None) => return Err(SessionError::NoKvPredictor),
             (true, Some(p)) => Some(
-                KvCache::with_type(&p.aux.config, capacity, kv_type)
+                KvCache::new(&p.aux.config, capacity, kv_type)
                     .ok_or(SessionError::OutOfMemory { bytes: KvCache::bytes_for(&p.aux.config, capacity, kv_type) })?,
             ),
         };

@@ -31,10 +31,10 @@ fn logits_with(model: &Model<'_>, prompt: &[u32], threads: usize, max_batch: usi
 /// Largest |Δlogit| an f16 or q8 cache may cause on the f32 cache's top 64 tokens of
 /// SmolLM2. Rounding keys and values to 11 significant bits moves SmolLM2's logits by up
 /// to ~1 (measured: f16 0.76 on the top 64 and 1.15 over the vocabulary, q8 with its
-/// rotated keys 1.11 on the top 64; its keys carry large outlier channels, whose rounding error the dot product
-/// scales up); llama.cpp caches f16 by default, and its logits differ from Petrel's
-/// f32-cache ones by up to 2.02 (the golden test). Perplexity per cache type is in the
-/// README.
+/// rotated keys 1.11 on the top 64; its keys carry large outlier channels, whose rounding
+/// error the dot product scales up); llama.cpp caches f16 by default, and its logits differ
+/// from Petrel's f32-cache ones by up to 2.02 (the golden test). Perplexity per cache type
+/// is in the README.
 const F16_TOP64_TOLERANCE: f32 = 1.5;
 
 /// f16 and q8 KV caches: half and about a quarter of the bytes per token, logits near the
@@ -52,46 +52,36 @@ fn f16_and_q8_caches_shrink_the_bytes_and_stay_close_to_f32() {
         assert_eq!(session.kv_type(), kv_type);
         (session.cache_bytes(), session.cache_bytes_per_token())
     };
-    let ((f32_total, f32_token), (f16_total, f16_token)) = (bytes(KvType::F32), bytes(KvType::F16));
-    let layers = model.config.layers;
-    assert_eq!(f32_token, layers * (2 * model.config.kv_dim() * 4 + 4));
-    assert_eq!(f16_token, layers * (2 * model.config.kv_dim() * 2 + 4));
-    assert_eq!((f32_total, f16_total), (64 * f32_token, 64 * f16_token));
+    let (layers, kv, heads) = (model.config.layers, model.config.kv_dim(), model.config.kv_heads);
+    for (kv_type, row) in [(KvType::F32, 4 * kv), (KvType::F16, 2 * kv), (KvType::Q8, kv + 4 * heads)] {
+        let (total, per_token) = bytes(kv_type);
+        assert_eq!(per_token, layers * (2 * row + 4), "{kv_type:?}");
+        assert_eq!(total, 64 * per_token, "{kv_type:?}");
+    }
 
     let wide = logits_with(&model, &prompt, 1, 64, KvType::F32);
-    let narrow = logits_with(&model, &prompt, 1, 64, KvType::F16);
     let vocab = model.config.vocab_size;
-    let (mut worst_top, mut worst_all) = (0f32, 0f32);
-    for (a, b) in wide.chunks_exact(vocab).zip(narrow.chunks_exact(vocab)) {
-        assert_eq!(argmax(a), argmax(b), "f16 cache changed a greedy token");
-        let mut order: Vec<usize> = (0..vocab).collect();
-        order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
-        worst_top = order[..64].iter().map(|&i| (a[i] - b[i]).abs()).fold(worst_top, f32::max);
-        worst_all = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(worst_all, f32::max);
+    for kv_type in [KvType::F16, KvType::Q8] {
+        let narrow = logits_with(&model, &prompt, 1, 64, kv_type);
+        let (mut worst_top, mut worst_all) = (0f32, 0f32);
+        for (a, b) in wide.chunks_exact(vocab).zip(narrow.chunks_exact(vocab)) {
+            assert_eq!(argmax(a), argmax(b), "{kv_type:?} cache changed a greedy token");
+            let mut order: Vec<usize> = (0..vocab).collect();
+            order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
+            worst_top = order[..64].iter().map(|&i| (a[i] - b[i]).abs()).fold(worst_top, f32::max);
+            worst_all = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(worst_all, f32::max);
+        }
+        println!(
+            "{kv_type:?} cache: max |Δlogit| {worst_top:.4} on the f32 cache's top 64, {worst_all:.4} over the vocabulary"
+        );
+        assert!(worst_top < F16_TOP64_TOLERANCE, "{kv_type:?} cache moved a top-64 logit by {worst_top}");
     }
-    println!("f16 cache: max |Δlogit| {worst_top:.4} on the f32 cache's top 64, {worst_all:.4} over the vocabulary");
-    assert!(worst_top < F16_TOP64_TOLERANCE, "f16 cache moved a top-64 logit by {worst_top}");
-    let q8 = logits_with(&model, &prompt, 1, 64, KvType::Q8);
-    let mut worst_q8 = 0f32;
-    for (a, b) in wide.chunks_exact(vocab).zip(q8.chunks_exact(vocab)) {
-        let mut order: Vec<usize> = (0..vocab).collect();
-        order.sort_by(|&i, &j| a[j].total_cmp(&a[i]));
-        worst_q8 = order[..64].iter().map(|&i| (a[i] - b[i]).abs()).fold(worst_q8, f32::max);
-        assert_eq!(argmax(a), argmax(b), "q8 cache changed a greedy token");
-    }
-    println!("q8 cache: max |Δlogit| {worst_q8:.4} on the f32 cache's top 64");
-    assert!(worst_q8 < F16_TOP64_TOLERANCE, "q8 cache moved a top-64 logit by {worst_q8}");
-    let q8_bytes = {
-        let options = SessionOptions { capacity: 64, kv_type: KvType::Q8, ..SessionOptions::default() };
-        Session::new(&model, options).expect("session").cache_bytes_per_token()
-    };
-    let heads = model.config.kv_heads;
-    assert_eq!(q8_bytes, layers * (2 * (model.config.kv_dim() + 4 * heads) + 4));
     // q8 stores rotated keys, which KV prediction's maps do not expect: refused up front.
     let options = SessionOptions { kv_type: KvType::Q8, kv_prediction: true, ..SessionOptions::default() };
     let refused = Session::new(&model, options).map(|_| ()).unwrap_err();
     assert_eq!(refused, SessionError::KvTypeWithPrediction { kv_type: "q8" });
     assert!(refused.to_string().contains("--kv-type f32 or f16"), "{refused}");
+    let narrow = logits_with(&model, &prompt, 1, 64, KvType::F16);
     for (threads, max_batch) in [(2, 64), (1, 5)] {
         let other = logits_with(&model, &prompt, threads, max_batch, KvType::F16);
         assert!(
@@ -107,18 +97,7 @@ fn logits_are_bit_identical_for_every_thread_count_and_batch_size() {
     let gguf = GgufFile::parse(file.bytes()).expect("valid GGUF");
     let model = Model::load(&gguf).expect("model loads");
     let prompt = chat_prompt(&model);
-    let run = |threads: usize, max_batch: usize| {
-        let options = SessionOptions { capacity: 64, threads, max_batch, ..SessionOptions::default() };
-        let mut session = Session::new(&model, options).expect("session");
-        let mut all = session.prefill(&prompt).expect("prefill").to_vec();
-        let mut token = argmax(&all);
-        for _ in 0..4 {
-            let logits = session.step(token).expect("step");
-            token = argmax(logits);
-            all.extend_from_slice(logits);
-        }
-        all
-    };
+    let run = |threads: usize, max_batch: usize| logits_with(&model, &prompt, threads, max_batch, KvType::F32);
     let reference = run(1, 64);
     for (threads, max_batch) in [(2, 64), (3, 64), (1, 5), (2, 3)] {
         let other = run(threads, max_batch);

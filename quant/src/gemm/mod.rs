@@ -127,9 +127,28 @@ pub fn pack_panel<'a>(
     cols: usize,
     out: &'a mut [PanelLine],
 ) -> Panel<'a> {
+    pack_checked(format, data, rows, cols, out, pack_portable)
+}
+
+/// Checks the lengths [`pack_panel`] documents, then lets `unpack(format, data, rows,
+/// row_bytes, lines)` fill the panel's lines.
+fn pack_checked<'a>(
+    format: WeightFormat,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    out: &'a mut [PanelLine],
+    unpack: fn(WeightFormat, &[u8], usize, usize, &mut [PanelLine]),
+) -> Panel<'a> {
     let row_bytes = format.row_bytes(cols).expect("columns must be whole blocks");
     assert!((1..=PANEL_ROWS).contains(&rows) && data.len() == rows * row_bytes, "panel rows disagree in length");
     let lines = &mut out[..panel_lines(cols)];
+    unpack(format, data, rows, row_bytes, lines);
+    Panel { format, lines, blocks: cols / BLOCK_LEN, rows }
+}
+
+/// The portable unpacking loop behind [`pack_panel`] (lengths checked by the caller).
+fn pack_portable(format: WeightFormat, data: &[u8], rows: usize, row_bytes: usize, lines: &mut [PanelLine]) {
     let bytes = format.block_bytes();
     // One monomorphized loop per format: `unpack(weight block, activation block index
     // within it, codes out)` returns the block's parameters.
@@ -188,7 +207,6 @@ pub fn pack_panel<'a>(
             }
         }),
     }
-    Panel { format, lines, blocks: cols / BLOCK_LEN, rows }
 }
 
 /// Codes of a Q4_0 / Q4_1 block from its 16 bytes of nibbles (low nibbles first).
@@ -396,16 +414,7 @@ impl PanelGemm {
     ) -> Panel<'a> {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => {
-                let row_bytes = format.row_bytes(cols).expect("columns must be whole blocks");
-                assert!(
-                    (1..=PANEL_ROWS).contains(&rows) && data.len() == rows * row_bytes,
-                    "panel rows disagree in length"
-                );
-                let lines = &mut out[..panel_lines(cols)];
-                x86::pack(format, data, rows, row_bytes, lines);
-                Panel { format, lines, blocks: cols / BLOCK_LEN, rows }
-            }
+            Isa::Avx512Vnni => pack_checked(format, data, rows, cols, out, x86::pack),
             _ => pack_panel(format, data, rows, cols, out),
         }
     }
