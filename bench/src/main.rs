@@ -19,6 +19,7 @@ mod kernels;
 mod kv_bench;
 mod kvp_bench;
 mod mod_bench;
+mod panel_bench;
 mod peak;
 mod timing;
 mod w4a4;
@@ -70,30 +71,45 @@ enum BenchCommand {
     /// decode speed after a long prompt, as ratios to f32; writes
     /// bench/results/kv-cache.{json,md}.
     Kv(kv_bench::KvArgs),
+    /// The prefill panel kernels (AVX-512 VNNI, AMX-INT8) on a model's own weights, one
+    /// thread: unpacking and multiply time, GOPS against the measured peaks; writes
+    /// bench/results/panels.{json,md}.
+    Panels(panel_bench::PanelArgs),
 }
 
-/// The default benchmark: the same GGUF files through Petrel and llama.cpp.
+/// The default benchmark: the same GGUF files through Petrel and llama.cpp. The flags are
+/// llama-bench's (`-m FILE -p 256,1024 -n 128 -t 1,2 -r 3 -o md|json`), so one command line
+/// runs both engines.
 #[derive(clap::Args, Debug)]
 struct Args {
     /// GGUF files or known model names (`gemma3-270m`, `qwen2.5-coder-0.5b`, pulled on
     /// first use) to measure (default: SmolLM2-135M Q4_1 and Q4_0 from the cache).
-    #[arg(long = "model")]
+    #[arg(short = 'm', long = "model")]
     models: Vec<String>,
     /// Thread counts.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    #[arg(short = 't', long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
-    /// Prompt lengths for prefill.
-    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    /// Prompt lengths for prefill (`ppN` tests; 0 for none).
+    #[arg(short = 'p', long, visible_alias = "n-prompt", value_delimiter = ',', default_value = "64,256,1024")]
     prompts: Vec<usize>,
-    /// Tokens to decode.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens to decode (the `tgN` test; 0 for none).
+    #[arg(short = 'n', long, visible_alias = "n-gen", default_value_t = 128)]
     decode: usize,
-    /// Runs per figure; the best is kept.
-    #[arg(long, default_value_t = 3)]
+    /// Runs per figure: mean ± standard deviation and the best are reported.
+    #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// What to print on standard output: a Markdown table, or llama-bench's JSON records
+    /// (`model_filename`, `n_prompt`, `n_gen`, `n_threads`, `avg_ts`, `stddev_ts`, plus
+    /// `engine`, `test` and `best_ts`). The result files are written either way.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Md)]
+    output: OutputFormat,
     /// Tokens per prefill batch (default: the runtime's `SessionOptions::max_batch`).
     #[arg(long)]
     max_batch: Option<usize>,
+    /// Prefill on AMX-INT8 tile multiplies where the CPU has them (otherwise the AVX-512
+    /// VNNI panel kernel).
+    #[arg(long)]
+    amx: bool,
     /// Skip llama.cpp (otherwise run through bench/llama/llama_speed.py).
     #[arg(long)]
     no_llama: bool,
@@ -109,13 +125,87 @@ struct Args {
     name: String,
 }
 
+/// Standard output's format (`-o`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputFormat {
+    Md,
+    Json,
+}
+
+/// One engine's figure for one test, in llama-bench's JSON field names.
 #[derive(Serialize, Debug, Clone)]
 struct Row {
+    #[serde(rename = "model_filename")]
     model: String,
     engine: String,
+    #[serde(rename = "n_threads")]
     threads: usize,
+    /// `ppN` or `tgN`.
     test: String,
+    n_prompt: usize,
+    n_gen: usize,
+    /// Mean tokens per second over the repetitions.
+    #[serde(rename = "avg_ts")]
+    mean: f64,
+    /// Their sample standard deviation (0 for one repetition).
+    #[serde(rename = "stddev_ts")]
+    stddev: f64,
+    /// The fastest repetition.
+    #[serde(rename = "best_ts")]
     tokens_per_second: f64,
+}
+
+impl Row {
+    /// A row from each repetition's tokens per second.
+    fn from_samples(model: &str, engine: &str, threads: usize, test: &str, samples: &[f64]) -> Row {
+        let n = samples.len().max(1) as f64;
+        let mean = samples.iter().sum::<f64>() / n;
+        let variance =
+            if samples.len() > 1 { samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+        let (n_prompt, n_gen) = test_tokens(test);
+        Row {
+            model: model.to_string(),
+            engine: engine.to_string(),
+            threads,
+            test: test.to_string(),
+            n_prompt,
+            n_gen,
+            mean,
+            stddev: variance.sqrt(),
+            tokens_per_second: samples.iter().copied().fold(0f64, f64::max),
+        }
+    }
+
+    /// llama.cpp's row for `model` from `bench/llama/llama_speed.py`.
+    fn from_llama(model: &str, r: LlamaSpeed) -> Row {
+        let (n_prompt, n_gen) = test_tokens(&r.test);
+        Row {
+            model: model.to_string(),
+            engine: "llama.cpp".into(),
+            threads: r.threads,
+            n_prompt,
+            n_gen,
+            mean: r.tokens_per_second,
+            stddev: r.stddev_tokens_per_second.unwrap_or(0.0),
+            tokens_per_second: r.best_tokens_per_second.unwrap_or(r.tokens_per_second),
+            test: r.test,
+        }
+    }
+
+    /// `mean ± sd (best b)` in tokens per second.
+    fn summary(&self) -> String {
+        format!("{:.1} ± {:.1} tok/s (best {:.1})", self.mean, self.stddev, self.tokens_per_second)
+    }
+}
+
+/// `(n_prompt, n_gen)` of a `ppN` / `tgN` test name.
+fn test_tokens(test: &str) -> (usize, usize) {
+    let count = |s: &str| s.parse().unwrap_or(0);
+    match (test.strip_prefix("pp"), test.strip_prefix("tg")) {
+        (Some(n), _) => (count(n), 0),
+        (_, Some(n)) => (0, count(n)),
+        _ => (0, 0),
+    }
 }
 
 #[derive(Serialize, Debug)]
@@ -135,6 +225,7 @@ fn main() -> Result<()> {
         Some(BenchCommand::Kvp(args)) => kvp_bench::run(&args),
         Some(BenchCommand::Backends(args)) => backends_bench::run(&args),
         Some(BenchCommand::Kv(args)) => kv_bench::run(&args),
+        Some(BenchCommand::Panels(args)) => panel_bench::run(&args),
         None => same_file_bench(&cli.args),
     }
 }
@@ -168,6 +259,7 @@ fn same_file_bench(args: &Args) -> Result<()> {
             args.decode,
             args.repetitions,
             args.max_batch.unwrap_or(SessionOptions::default().max_batch),
+            args.amx,
         )?;
         rows.extend(petrel);
         kernels = isa;
@@ -175,21 +267,9 @@ fn same_file_bench(args: &Args) -> Result<()> {
             let speeds =
                 llama_speed(&args.llama_python, path, &args.threads, &args.prompts, args.decode, args.repetitions)?;
             rows.extend(speeds.into_iter().map(|r| {
-                eprintln!(
-                    "llama.cpp {name} t={} {}: {:.1} tok/s (best; mean {:.1})",
-                    r.threads,
-                    r.test,
-                    r.best_tokens_per_second.unwrap_or(r.tokens_per_second),
-                    r.tokens_per_second
-                );
-                Row {
-                    model: name.clone(),
-                    engine: "llama.cpp".into(),
-                    threads: r.threads,
-                    test: r.test,
-                    // Best of the repetitions, as Petrel's figure is.
-                    tokens_per_second: r.best_tokens_per_second.unwrap_or(r.tokens_per_second),
-                }
+                let row = Row::from_llama(&name, r);
+                eprintln!("llama.cpp {name} t={} {}: {}", row.threads, row.test, row.summary());
+                row
             }));
         }
     }
@@ -207,13 +287,17 @@ fn same_file_bench(args: &Args) -> Result<()> {
     let md = args.out.join(format!("{}.md", args.name));
     let table = markdown(&report, args);
     std::fs::write(&md, &table)?;
-    println!("{table}");
+    match args.output {
+        OutputFormat::Md => println!("{table}"),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report.rows)?),
+    }
     eprintln!("wrote {} and {}", json.display(), md.display());
     Ok(())
 }
 
-/// Petrel's prefill (`pp{n}` for each of `prompts`) and decode (`tg{decode}`) speed on
-/// `model` with each thread count, best of `repetitions`; also the kernels' instruction set.
+/// Petrel's prefill (`pp{n}` for each of `prompts` but 0) and decode (`tg{decode}`, unless
+/// 0) speed on `model` with each thread count, each repetition kept; also the kernels' names.
+#[allow(clippy::too_many_arguments)] // the benchmark's settings, passed through
 fn petrel_rows(
     model: &Model<'_>,
     name: &str,
@@ -222,33 +306,35 @@ fn petrel_rows(
     decode: usize,
     repetitions: usize,
     max_batch: usize,
+    amx: bool,
 ) -> Result<(Vec<Row>, String)> {
     let mut rows = Vec::new();
     let mut kernels = String::new();
     for &threads in threads {
         let capacity = prompts.iter().copied().max().unwrap_or(0).max(decode) + 1;
-        let options = SessionOptions { capacity, threads, max_batch, ..SessionOptions::default() };
+        let options = SessionOptions { capacity, threads, max_batch, amx, ..SessionOptions::default() };
         let mut session = Session::new(model, options)?;
-        kernels = session.kernels().isa().name().to_string();
-        for &n in prompts {
+        kernels = match session.panel_kernel() {
+            Some(panel) => format!("{}, prefill panels {}", session.kernels().isa().name(), panel.name()),
+            None => session.kernels().isa().name().to_string(),
+        };
+        for &n in prompts.iter().filter(|&&n| n > 0) {
             let tokens = random_tokens(n, model.config.vocab_size);
-            let best = best_of(repetitions, || {
+            let samples = samples(repetitions, || {
                 session.reset();
                 let start = Instant::now();
                 session.prefill(&tokens).map(|_| ())?;
                 Ok(n as f64 / start.elapsed().as_secs_f64())
             })?;
-            eprintln!("petrel {name} t={threads} pp{n}: {best:.1} tok/s");
-            rows.push(Row {
-                model: name.to_string(),
-                engine: "petrel".into(),
-                threads,
-                test: format!("pp{n}"),
-                tokens_per_second: best,
-            });
+            let row = Row::from_samples(name, "petrel", threads, &format!("pp{n}"), &samples);
+            eprintln!("petrel {name} t={threads} pp{n}: {}", row.summary());
+            rows.push(row);
+        }
+        if decode == 0 {
+            continue;
         }
         let tokens = random_tokens(decode, model.config.vocab_size);
-        let best = best_of(repetitions, || {
+        let samples = samples(repetitions, || {
             session.reset();
             let start = Instant::now();
             for &t in &tokens {
@@ -256,14 +342,9 @@ fn petrel_rows(
             }
             Ok(decode as f64 / start.elapsed().as_secs_f64())
         })?;
-        eprintln!("petrel {name} t={threads} tg{decode}: {best:.1} tok/s");
-        rows.push(Row {
-            model: name.to_string(),
-            engine: "petrel".into(),
-            threads,
-            test: format!("tg{decode}"),
-            tokens_per_second: best,
-        });
+        let row = Row::from_samples(name, "petrel", threads, &format!("tg{decode}"), &samples);
+        eprintln!("petrel {name} t={threads} tg{decode}: {}", row.summary());
+        rows.push(row);
     }
     Ok((rows, kernels))
 }
@@ -287,12 +368,9 @@ fn random_tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|_| rng.next_u32() % vocab as u32).collect()
 }
 
-fn best_of(repetitions: usize, mut run: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut best = 0f64;
-    for _ in 0..repetitions.max(1) {
-        best = best.max(run()?);
-    }
-    Ok(best)
+/// `run`'s figure from each of `repetitions` runs (at least one).
+fn samples(repetitions: usize, mut run: impl FnMut() -> Result<f64>) -> Result<Vec<f64>> {
+    (0..repetitions.max(1)).map(|_| run()).collect()
 }
 
 /// Read bandwidth in GB/s: the best of several passes summing a 512 MiB buffer, split
@@ -351,6 +429,8 @@ struct LlamaSpeed {
     test: String,
     /// Mean over the repetitions.
     tokens_per_second: f64,
+    /// Their standard deviation (absent from older versions of the script).
+    stddev_tokens_per_second: Option<f64>,
     /// The fastest repetition (absent from older versions of the script).
     best_tokens_per_second: Option<f64>,
 }
@@ -418,23 +498,20 @@ fn markdown(report: &Report, args: &Args) -> String {
     let bw: Vec<String> =
         report.read_bandwidth_gb_s.iter().map(|(t, g)| format!("{g:.1} GB/s with {t} thread(s)")).collect();
     s.push_str(&bw.join(", "));
-    s.push_str("\n\n| model | threads | test | Petrel tok/s | llama.cpp tok/s | Petrel / llama.cpp | bandwidth bound tok/s |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("\n\n| model | threads | test | Petrel tok/s (mean ± sd) | best | llama.cpp tok/s (mean ± sd) | best | Petrel / llama.cpp (means) | (bests) | bandwidth bound tok/s |\n|---|---|---|---|---|---|---|---|---|---|\n");
     let find = |engine: &str, model: &str, threads: usize, test: &str| {
-        report
-            .rows
-            .iter()
-            .find(|r| r.engine == engine && r.model == model && r.threads == threads && r.test == test)
-            .map(|r| r.tokens_per_second)
+        report.rows.iter().find(|r| r.engine == engine && r.model == model && r.threads == threads && r.test == test)
     };
     for (model, bytes) in &report.weight_bytes_per_token {
         for &threads in &args.threads {
-            let mut tests: Vec<String> = args.prompts.iter().map(|n| format!("pp{n}")).collect();
-            tests.push(format!("tg{}", args.decode));
+            let mut tests: Vec<String> = args.prompts.iter().filter(|&&n| n > 0).map(|n| format!("pp{n}")).collect();
+            if args.decode > 0 {
+                tests.push(format!("tg{}", args.decode));
+            }
             for test in tests {
-                let ours = find("petrel", model, threads, &test);
-                let theirs = find("llama.cpp", model, threads, &test);
-                let ratio = match (ours, theirs) {
-                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                let (ours, theirs) = (find("petrel", model, threads, &test), find("llama.cpp", model, threads, &test));
+                let ratio = |f: fn(&Row) -> f64| match (ours, theirs) {
+                    (Some(a), Some(b)) if f(b) > 0.0 => format!("{:.2}×", f(a) / f(b)),
                     _ => "–".into(),
                 };
                 let bound = if test.starts_with("tg") {
@@ -446,17 +523,22 @@ fn markdown(report: &Report, args: &Args) -> String {
                 } else {
                     "–".into()
                 };
-                let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.1}"));
+                let spread = |r: Option<&Row>| r.map_or("–".into(), |r| format!("{:.1} ± {:.1}", r.mean, r.stddev));
+                let best = |r: Option<&Row>| r.map_or("–".into(), |r| format!("{:.1}", r.tokens_per_second));
                 s.push_str(&format!(
-                    "| {model} | {threads} | {test} | {} | {} | {ratio} | {bound} |\n",
-                    fmt(ours),
-                    fmt(theirs)
+                    "| {model} | {threads} | {test} | {} | {} | {} | {} | {} | {} | {bound} |\n",
+                    spread(ours),
+                    best(ours),
+                    spread(theirs),
+                    best(theirs),
+                    ratio(|r| r.mean),
+                    ratio(|r| r.tokens_per_second),
                 ));
             }
         }
     }
     s.push_str(&format!(
-        "\nBest of {} runs per figure. Prefill: N random tokens from an empty cache; decode: {} single-token steps from an empty cache (llama-bench's pp/tg tests). Bandwidth bound = measured read bandwidth / weight bytes read per token.\n",
+        "\n{} runs per figure (mean ± sample standard deviation, and the best), both engines in this run on the same file and threads. Prefill: N random tokens from an empty cache; decode: {} single-token steps from an empty cache (llama-bench's pp/tg tests). Bandwidth bound = measured read bandwidth / weight bytes read per token.\n",
         args.repetitions, args.decode
     ));
     s

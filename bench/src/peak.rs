@@ -50,6 +50,66 @@ mod vnni {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    /// Tile configuration: tiles 0..6 of 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    /// `iters` rounds of 4 independent `tdpbsud` (16 × 16 × 64 products each) on tiles that
+    /// stay in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AMX-TILE and AMX-INT8 and the process the tile state
+    /// (`PanelGemm::amx()` returned `Some`).
+    pub unsafe fn dp_loop(iters: u64) {
+        let mut config = Config([0; 64]);
+        config.0[0] = 1;
+        for tile in 0..6 {
+            config.0[16 + 2 * tile] = 64;
+            config.0[48 + tile] = 16;
+        }
+        // SAFETY: a valid palette-1 configuration, then register-only tile instructions;
+        // `tilerelease` leaves the tile state unused.
+        unsafe {
+            core::arch::asm!(
+                "ldtilecfg [{config}]",
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", "tilezero tmm4", "tilezero tmm5",
+                "2:",
+                "tdpbsud tmm0, tmm4, tmm5", "tdpbsud tmm1, tmm4, tmm5", "tdpbsud tmm2, tmm4, tmm5", "tdpbsud tmm3, tmm4, tmm5",
+                "dec {n}",
+                "jnz 2b",
+                "tilerelease",
+                config = in(reg) &config,
+                n = inout(reg) iters => _,
+                options(nostack),
+            );
+        }
+    }
+}
+
+/// `tdpbsud` per loop iteration of the AMX loop.
+const AMX_CHAINS: u64 = 4;
+/// Operations of one `tdpbsud` on full tiles: 2 × 16 × 16 × 64.
+const AMX_OPS_PER_INSTRUCTION: u64 = 2 * 16 * 16 * 64;
+/// Iterations per call of the AMX loop.
+const AMX_ITERS: u64 = 1_000_000;
+
+/// Peak GOPS of `tdpbsud` on one thread (best of 5 runs of ≥ 300 ms on-CPU), or `None`
+/// where AMX-INT8 is unavailable.
+pub fn amx_gops() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if petrel_quant::gemm::PanelGemm::amx().is_some() {
+        let secs = seconds_per_call(
+            // SAFETY: `PanelGemm::amx()` checked the CPU and obtained the tile state.
+            || unsafe { amx::dp_loop(std::hint::black_box(AMX_ITERS)) },
+            Budget { min: Duration::from_millis(300), runs: 5 },
+        );
+        return Some((AMX_ITERS * AMX_CHAINS * AMX_OPS_PER_INSTRUCTION) as f64 / secs / 1e9);
+    }
+    None
+}
+
 /// One call of the loop (`ITERS` iterations), or `false` without AVX-512 VNNI.
 fn run_loop() -> bool {
     #[cfg(target_arch = "x86_64")]

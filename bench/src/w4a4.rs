@@ -276,26 +276,25 @@ pub fn run(args: &W4a4Args) -> Result<()> {
                 });
             }
         }
-        let (rows, _) =
-            petrel_rows(&model, &name, &args.threads, &args.prompts, args.decode, args.repetitions, args.max_batch)?;
+        let (rows, _) = petrel_rows(
+            &model,
+            &name,
+            &args.threads,
+            &args.prompts,
+            args.decode,
+            args.repetitions,
+            args.max_batch,
+            false,
+        )?;
         e2e.extend(rows);
         if !args.no_llama {
             let q4_name = file_name(&q4_path);
             let speeds =
                 llama_speed(&args.llama_python, &q4_path, &args.threads, &args.prompts, args.decode, args.repetitions)?;
             for r in speeds {
-                let best = r.best_tokens_per_second.unwrap_or(r.tokens_per_second);
-                eprintln!(
-                    "llama.cpp {q4_name} t={} {}: {best:.1} tok/s (best of {})",
-                    r.threads, r.test, args.repetitions
-                );
-                e2e.push(Row {
-                    model: q4_name.clone(),
-                    engine: "llama.cpp".into(),
-                    threads: r.threads,
-                    test: r.test,
-                    tokens_per_second: best,
-                });
+                let row = Row::from_llama(&q4_name, r);
+                eprintln!("llama.cpp {q4_name} t={} {}: {}", row.threads, row.test, row.summary());
+                e2e.push(row);
             }
         }
     }

@@ -325,9 +325,8 @@ fn perplexity(args: &PplArgs) -> Result<()> {
         threads,
         max_batch,
         prefill_routing,
-        kernels: None,
-        kv_prediction: false,
         kv_type: args.kv_type,
+        ..SessionOptions::default()
     };
     let mut session = Session::new(&model, options)?;
     eprintln!(

@@ -445,6 +445,11 @@ fn run_block(
         rotate_heads(&mut s.q[..n * q_dim], c.head_dim);
         rotate_heads(&mut s.k[..n * kv_dim], c.head_dim);
     }
+    let rotate_values = cache.read().kv_type().rotates_values() && c.head_dim.is_power_of_two();
+    if rotate_values {
+        // A 4-bit cache stores values rotated as well; the output is rotated back below.
+        rotate_heads(&mut s.v[..n * kv_dim], c.head_dim);
+    }
     if member.is_leader() {
         let positions = s.positions[..n].iter().map(|&p| p as usize);
         cache.write().append(l, &s.k[..n * kv_dim], &s.v[..n * kv_dim], positions);
@@ -464,6 +469,9 @@ fn run_block(
         let mine = member.share(n * c.heads);
         let out = &mut s.att[mine.start * c.head_dim..mine.end * c.head_dim];
         backend.attend(out, &s.q[..n * q_dim], keys, values, shape, first_row, mine);
+        if rotate_values {
+            rotate_heads(out, c.head_dim);
+        }
     }
     member.all_gather(&mut s.att[..n * q_dim], 1, n * c.heads, c.head_dim);
     clip_input(layer, 1, &mut s.att[..n * q_dim]);

@@ -24,11 +24,17 @@ pub enum KvType {
     /// and queries are rotated per head by an orthonormal Hadamard before the keys are
     /// stored ([`KvType::rotates_heads`]), so the cache holds rotated keys.
     Q8,
+    /// 4-bit codes in `-7..=7` (stored `+ 8`, two per byte, the even value in the low
+    /// nibble) with one f16 scale per token and key/value head (`max |x| / 7`, round to
+    /// nearest): about half a byte per value. As QuaRot does for its 4-bit cache, keys and
+    /// queries are rotated per head as for [`KvType::Q8`], and so are values, the attention
+    /// output being rotated back ([`KvType::rotates_values`]).
+    Q4,
 }
 
 impl KvType {
     /// Every type, in the order `--kv-type` lists them.
-    pub const ALL: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8];
+    pub const ALL: [KvType; 4] = [KvType::F32, KvType::F16, KvType::Q8, KvType::Q4];
 
     /// Bytes of one row of `kv_dim` keys (or values) in heads of `head_dim`, scales
     /// included.
@@ -37,21 +43,34 @@ impl KvType {
             KvType::F32 => 4 * kv_dim,
             KvType::F16 => 2 * kv_dim,
             KvType::Q8 => kv_dim + 4 * (kv_dim / head_dim),
+            KvType::Q4 => kv_dim / 2 + 2 * (kv_dim / head_dim),
         }
     }
 
     /// Whether the forward pass rotates queries and keys per head (by `H / √head_dim`,
     /// for power-of-two heads) before the keys enter a cache of this type.
     pub const fn rotates_heads(self) -> bool {
-        matches!(self, KvType::Q8)
+        matches!(self, KvType::Q8 | KvType::Q4)
     }
 
-    /// The name `--kv-type` takes (`f32`, `f16`, `q8`).
+    /// Whether values are rotated per head too (with [`KvType::rotates_heads`]) and each
+    /// head of the attention output rotated back by the same (self-inverse) Hadamard.
+    pub const fn rotates_values(self) -> bool {
+        matches!(self, KvType::Q4)
+    }
+
+    /// Whether the cache holds codes and scales rather than floats.
+    pub const fn is_quantized(self) -> bool {
+        matches!(self, KvType::Q8 | KvType::Q4)
+    }
+
+    /// The name `--kv-type` takes (`f32`, `f16`, `q8`, `q4`).
     pub const fn name(self) -> &'static str {
         match self {
             KvType::F32 => "f32",
             KvType::F16 => "f16",
             KvType::Q8 => "q8",
+            KvType::Q4 => "q4",
         }
     }
 
@@ -70,6 +89,12 @@ enum Store {
     Q8 {
         codes: Vec<i8>,
         scales: Vec<f32>,
+        head_dim: usize,
+    },
+    /// Two codes per byte, and one f16 scale (its bits) per `head_dim` values.
+    Q4 {
+        codes: Vec<u8>,
+        scales: Vec<u16>,
         head_dim: usize,
     },
 }
@@ -97,6 +122,12 @@ impl Store {
                 Vec::<f32>::new().try_reserve_exact(heads).ok()?;
                 Store::Q8 { codes: vec![0; n], scales: vec![0.0; heads], head_dim }
             }
+            KvType::Q4 => {
+                let heads = n / head_dim.max(1);
+                Vec::<u8>::new().try_reserve_exact(n / 2).ok()?;
+                Vec::<u16>::new().try_reserve_exact(heads).ok()?;
+                Store::Q4 { codes: vec![0; n / 2], scales: vec![0; heads], head_dim }
+            }
         })
     }
 
@@ -105,6 +136,7 @@ impl Store {
             Store::F32(v) => v.len() * 4,
             Store::F16(v) => v.len() * 2,
             Store::Q8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+            Store::Q4 { codes, scales, .. } => codes.len() + scales.len() * 2,
         }
     }
 
@@ -115,6 +147,11 @@ impl Store {
             Store::Q8 { codes, scales, head_dim } => KvRows::Q8 {
                 scales: &scales[range.start / head_dim..range.end / head_dim],
                 codes: &codes[range],
+                head_dim: *head_dim,
+            },
+            Store::Q4 { codes, scales, head_dim } => KvRows::Q4 {
+                scales: &scales[range.start / head_dim..range.end / head_dim],
+                codes: &codes[range.start / 2..range.end / 2],
                 head_dim: *head_dim,
             },
         }
@@ -142,6 +179,21 @@ impl Store {
                     scales[at / head_dim + h] = scale;
                 }
             }
+            Store::Q4 { codes, scales, head_dim } => {
+                let head_dim = *head_dim;
+                let bytes = &mut codes[at / 2..(at + values.len()) / 2];
+                for (h, (out, x)) in bytes.chunks_exact_mut(head_dim / 2).zip(values.chunks_exact(head_dim)).enumerate()
+                {
+                    let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                    let scale = half::f16::from_f32(amax / 7.0);
+                    let inverse = if scale.to_f32() > 0.0 { 1.0 / scale.to_f32() } else { 0.0 };
+                    let code = |v: f32| (libm::roundf(v * inverse).clamp(-7.0, 7.0) as i8 + 8) as u8;
+                    for (byte, pair) in out.iter_mut().zip(x.chunks_exact(2)) {
+                        *byte = code(pair[0]) | (code(pair[1]) << 4);
+                    }
+                    scales[at / head_dim + h] = scale.to_bits();
+                }
+            }
         }
     }
 }
@@ -162,6 +214,22 @@ pub enum KvRows<'a> {
         /// Values per head.
         head_dim: usize,
     },
+    /// 4-bit codes; value `i` is `(nibble i − 8) · scales[i / head_dim]` (nibble `i` the
+    /// low half of byte `i / 2` for even `i`, the high half for odd).
+    Q4 {
+        /// The codes, two per byte.
+        codes: &'a [u8],
+        /// One f16 scale (its bits) per `head_dim` values.
+        scales: &'a [u16],
+        /// Values per head (even).
+        head_dim: usize,
+    },
+}
+
+/// The signed 4-bit code `i` of `codes` (see [`KvRows::Q4`]).
+#[inline]
+pub fn q4_code(codes: &[u8], i: usize) -> i8 {
+    ((codes[i / 2] >> (4 * (i % 2))) & 0xF) as i8 - 8
 }
 
 impl KvRows<'_> {
@@ -177,6 +245,11 @@ impl KvRows<'_> {
             KvRows::Q8 { codes, scales, head_dim } => {
                 for (i, o) in range.clone().zip(out.iter_mut()) {
                     *o = codes[i] as f32 * scales[i / head_dim];
+                }
+            }
+            KvRows::Q4 { codes, scales, head_dim } => {
+                for (i, o) in range.clone().zip(out.iter_mut()) {
+                    *o = q4_code(codes, i) as f32 * petrel_quant::blocks::f16_to_f32(scales[i / head_dim]);
                 }
             }
         }
@@ -327,6 +400,7 @@ mod tests {
                 KvType::F32 => 4 * kv,
                 KvType::F16 => 2 * kv,
                 KvType::Q8 => kv + 4 * 3,
+                KvType::Q4 => kv / 2 + 2 * 3,
             };
             assert_eq!(cache.bytes_per_token(), layers * (2 * row + 4));
             let k: Vec<f32> = (0..2 * kv).map(|i| (i as f32 * 0.377).sin() * 3.0 + 1e-3).collect();
@@ -344,13 +418,16 @@ mod tests {
                     assert!(rk.iter().zip(&k).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
                     assert!(rv.iter().zip(&v).all(|(&a, &b)| a.to_bits() == round(b).to_bits()));
                 }
-                KvType::Q8 => {
-                    // Within half a step of each head's scale, and each head's largest value
-                    // exact up to the scale's rounding.
+                KvType::Q8 | KvType::Q4 => {
+                    // Within half a step of each head's scale (q4: the f16-rounded scale,
+                    // whose rounding can cost the largest value up to 7 × 2⁻¹¹ relative).
+                    let levels = if kv_type == KvType::Q8 { 127.0 } else { 7.0 };
                     for (got, want) in [(&rk, &k), (&rv, &v)] {
                         for (g, w) in got.chunks_exact(head_dim).zip(want.chunks_exact(head_dim)) {
-                            let step = w.iter().fold(0f32, |m, &x| m.max(x.abs())) / 127.0;
-                            assert!(g.iter().zip(w).all(|(a, b)| (a - b).abs() <= 0.5 * step * 1.0001));
+                            let amax = w.iter().fold(0f32, |m, &x| m.max(x.abs()));
+                            let step = amax / levels;
+                            let slack = if kv_type == KvType::Q4 { amax * 7.0 / 2048.0 } else { 0.0 };
+                            assert!(g.iter().zip(w).all(|(a, b)| (a - b).abs() <= 0.5 * step * 1.0001 + slack));
                         }
                     }
                 }
@@ -360,6 +437,7 @@ mod tests {
         }
         assert_eq!(KvType::parse("f16"), Some(KvType::F16));
         assert_eq!(KvType::parse("q8"), Some(KvType::Q8));
+        assert_eq!(KvType::parse("q4"), Some(KvType::Q4));
         assert_eq!(KvType::parse("q3"), None);
     }
 }

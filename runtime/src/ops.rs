@@ -199,6 +199,31 @@ pub fn attend_batch(
     }
 }
 
+/// The largest head a 4-bit cache serves (Gemma-3's 256).
+pub const MAX_Q4_HEAD: usize = 256;
+
+/// Widens `n` rows of one head of a 4-bit cache — `head_dim` codes from element `base`,
+/// rows `stride` elements apart — into `out` as signed bytes, rows back to back, and
+/// returns them (`n × head_dim`), for the i8 tile kernels.
+#[inline]
+fn unpack_q4_tile<'o>(
+    codes: &[u8],
+    base: usize,
+    stride: usize,
+    head_dim: usize,
+    n: usize,
+    out: &'o mut [i8; KEY_TILE * MAX_Q4_HEAD],
+) -> &'o [i8] {
+    for (j, row) in out.chunks_exact_mut(head_dim).take(n).enumerate() {
+        let at = (base + j * stride) / 2;
+        for (pair, &byte) in row.chunks_exact_mut(2).zip(&codes[at..at + head_dim / 2]) {
+            pair[0] = (byte & 0xF) as i8 - 8;
+            pair[1] = (byte >> 4) as i8 - 8;
+        }
+    }
+    &out[..n * head_dim]
+}
+
 /// One query of a pass of [`attend_batch`].
 #[derive(Clone, Copy)]
 struct Query {
@@ -256,6 +281,15 @@ fn attend_queries(
                         *s *= scales[(start + j) * heads + kv];
                     }
                 }
+                KvRows::Q4 { codes, scales, .. } => {
+                    let mut wide = [0i8; KEY_TILE * MAX_Q4_HEAD];
+                    let wide = unpack_q4_tile(codes, base, kv_dim, head_dim, n, &mut wide);
+                    fk.tile_scores_i8(query_row, wide, head_dim, n, &mut tile);
+                    let heads = shape.kv_heads;
+                    for (j, s) in tile[..n].iter_mut().enumerate() {
+                        *s *= petrel_quant::blocks::f16_to_f32(scales[(start + j) * heads + kv]);
+                    }
+                }
             }
             for s in tile[..n].iter_mut() {
                 *s *= scale;
@@ -284,6 +318,15 @@ fn attend_queries(
                         *p *= scales[(start + j) * heads + kv];
                     }
                     fk.tile_pv_i8(o, &tile, n, &codes[base..], kv_dim);
+                }
+                KvRows::Q4 { codes, scales, .. } => {
+                    let heads = shape.kv_heads;
+                    for (j, p) in tile[..n].iter_mut().enumerate() {
+                        *p *= petrel_quant::blocks::f16_to_f32(scales[(start + j) * heads + kv]);
+                    }
+                    let mut wide = [0i8; KEY_TILE * MAX_Q4_HEAD];
+                    let wide = unpack_q4_tile(codes, base, kv_dim, head_dim, n, &mut wide);
+                    fk.tile_pv_i8(o, &tile, n, wide, head_dim);
                 }
             }
         }
@@ -423,6 +466,39 @@ mod tests {
                 }
                 if let Some(f) = &first {
                     assert_eq!(f, &got, "q8 cache differs across kernel sets");
+                }
+                first = Some(got);
+            }
+            // A q4 cache: likewise against the f32 cache holding its dequantized values.
+            let quantize4 = |x: &[f32]| -> (Vec<u8>, Vec<u16>, Vec<f32>) {
+                let (mut codes, mut scales, mut wide) = (vec![0u8; x.len() / 2], Vec::new(), vec![0f32; x.len()]);
+                for (h, head) in x.chunks_exact(head_dim).enumerate() {
+                    let scale = half::f16::from_f32(head.iter().fold(0f32, |m, &v| m.max(v.abs())) / 7.0);
+                    for (i, &v) in head.iter().enumerate() {
+                        let c = if scale.to_f32() > 0.0 { libm::roundf(v / scale.to_f32()) as i8 } else { 0 };
+                        let at = h * head_dim + i;
+                        codes[at / 2] |= ((c + 8) as u8) << (4 * (at % 2));
+                        wide[at] = c as f32 * scale.to_f32();
+                    }
+                    scales.push(scale.to_bits());
+                }
+                (codes, scales, wide)
+            };
+            let ((kc4, ks4, kd4), (vc4, vs4, vd4)) = (quantize4(&keys), quantize4(&values));
+            let mut dense4 = vec![0f32; items * head_dim];
+            let (kw, vw) = (KvRows::F32(&kd4), KvRows::F32(&vd4));
+            attend_batch(&FloatKernels::scalar(), &mut dense4, &q, kw, vw, shape, position, 0..items);
+            let mut first: Option<Vec<f32>> = None;
+            for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+                let mut got = vec![0f32; items * head_dim];
+                let kq = KvRows::Q4 { codes: &kc4, scales: &ks4, head_dim };
+                let vq = KvRows::Q4 { codes: &vc4, scales: &vs4, head_dim };
+                attend_batch(&fk, &mut got, &q, kq, vq, shape, position, 0..items);
+                for (a, b) in got.iter().zip(&dense4) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "q4 cache: {a} vs {b}");
+                }
+                if let Some(f) = &first {
+                    assert_eq!(f, &got, "q4 cache differs across kernel sets");
                 }
                 first = Some(got);
             }

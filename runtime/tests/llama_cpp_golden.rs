@@ -224,7 +224,8 @@ const QWEN2_TOLERANCE: Tolerance = Tolerance { logits: 2.5, near_tie: 0.25 };
 
 /// The K-quant models' prefill logits are the same, bit for bit, on every kernel set this
 /// CPU runs: the scalar reference, the four-token block dot products of each SIMD set, and
-/// (with AVX-512 VNNI) the panel kernel that batches of 12 tokens or more take.
+/// (with AVX-512 VNNI) the panel kernel that batches of 12 tokens or more take, on
+/// `vpdpbusd` and (where the CPU has it) on AMX tiles.
 #[test]
 fn k_quant_prefill_is_bit_identical_on_every_kernel_set() {
     use petrel_quant::dot::Isa;
@@ -237,11 +238,12 @@ fn k_quant_prefill_is_bit_identical_on_every_kernel_set() {
         let model = Model::load(&gguf).expect("model loads");
         let tokens = model.tokenizer.encode("def reverse(s):\n    return s[::-1]  # 16 tokens or so, enough", true);
         assert!(tokens.len() >= 12, "{file_name}: the prompt must reach the panel kernel's batch size");
-        let logits = |kernels: Kernels| {
+        let logits = |kernels: Kernels, amx: bool| {
             let options = SessionOptions {
                 capacity: tokens.len() + 1,
                 threads: 2,
                 kernels: Some(kernels),
+                amx,
                 ..SessionOptions::default()
             };
             let mut session = Session::new(&model, options).expect("session");
@@ -249,13 +251,18 @@ fn k_quant_prefill_is_bit_identical_on_every_kernel_set() {
             session.prefill_all_logits(&tokens, &mut out).expect("prefill");
             out
         };
-        let reference = logits(Kernels::scalar());
+        let reference = logits(Kernels::scalar(), false);
+        let amx = petrel_quant::gemm::PanelGemm::amx().is_some();
         for isa in Isa::ALL.into_iter().skip(1) {
             let Some(kernels) = Kernels::for_isa(isa) else { continue };
-            let got = logits(kernels);
-            let same = got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{file_name}: {} prefill differs from the scalar reference", isa.name());
-            println!("{file_name}: {} prefill of {} tokens bit-identical to scalar", isa.name(), tokens.len());
+            let with_amx = if isa == Isa::Avx512Vnni && amx { &[false, true][..] } else { &[false][..] };
+            for &amx in with_amx {
+                let got = logits(kernels, amx);
+                let name = if amx { "amx-int8" } else { isa.name() };
+                let same = got.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{file_name}: {name} prefill differs from the scalar reference");
+                println!("{file_name}: {name} prefill of {} tokens bit-identical to scalar", tokens.len());
+            }
         }
     }
 }

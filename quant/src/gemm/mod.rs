@@ -37,6 +37,8 @@
 //! for Q5_x and Q5_K, nibbles for Q4_K, the raw 6-bit codes (offset 32 kept) for Q6_K, and
 //! `q + 128` for Q8_0. Rows beyond the panel's valid rows are zero.
 
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -75,7 +77,22 @@ pub struct Panel<'a> {
     rows: usize,
 }
 
-impl Panel<'_> {
+impl<'a> Panel<'a> {
+    /// A view of lines that [`pack_panel`] or [`PanelGemm::pack`] filled earlier for `rows`
+    /// rows of `format` over `cols` columns (so that a panel can be unpacked once and
+    /// multiplied many times).
+    ///
+    /// # Panics
+    /// If `rows` is not in `1..=16`, `cols` is not a whole number of `format`'s blocks, or
+    /// `lines` is not [`panel_lines`]`(cols)` long.
+    pub fn from_packed(format: WeightFormat, lines: &'a [PanelLine], rows: usize, cols: usize) -> Self {
+        assert!(
+            (1..=PANEL_ROWS).contains(&rows) && format.row_bytes(cols).is_some() && lines.len() == panel_lines(cols),
+            "packed panel disagrees with its shape"
+        );
+        Panel { format, lines, blocks: cols / BLOCK_LEN, rows }
+    }
+
     /// The weight rows it holds (1..=16).
     pub fn rows(&self) -> usize {
         self.rows
@@ -365,16 +382,18 @@ fn gemm_scalar(panel: &Panel<'_>, x: &Q8Batch<'_>, out: &mut [f32], stride: usiz
 }
 
 /// A panel matrix-product kernel for one instruction set.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PanelGemm {
     isa: Isa,
+    /// AMX-INT8 tile multiplies instead of `vpdpbusd` (with AVX-512 VNNI for the rest).
+    amx: bool,
 }
 
 impl PanelGemm {
     /// The portable kernel (the reference for the panel layout; slower than the block
     /// dot products, so the runtime uses it only to test).
     pub const fn scalar() -> Self {
-        PanelGemm { isa: Isa::Scalar }
+        PanelGemm { isa: Isa::Scalar, amx: false }
     }
 
     /// The kernel for `isa`, or `None` where there is none or this CPU lacks it. Only
@@ -384,19 +403,45 @@ impl PanelGemm {
         match isa {
             Isa::Scalar => Some(Self::scalar()),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni if isa.is_supported() => Some(PanelGemm { isa }),
+            Isa::Avx512Vnni if isa.is_supported() => Some(PanelGemm { isa, amx: false }),
             _ => None,
         }
     }
 
-    /// The fastest SIMD panel kernel this CPU runs, if any.
-    pub fn detect() -> Option<Self> {
-        Self::for_isa(Isa::Avx512Vnni)
+    /// The AMX-INT8 kernel, where this CPU has AMX-TILE, AMX-INT8 and AVX-512 VNNI and the
+    /// OS grants the tile state (on Linux, asked for once with `arch_prctl`); needs the
+    /// `std` feature. Its integer sums are exact, so it is bit-identical to the others.
+    pub fn amx() -> Option<Self> {
+        #[cfg(all(target_arch = "x86_64", feature = "std"))]
+        if Isa::Avx512Vnni.is_supported() && amx::available() {
+            return Some(PanelGemm { isa: Isa::Avx512Vnni, amx: true });
+        }
+        None
     }
 
-    /// The instruction set of this kernel.
+    /// The fastest SIMD panel kernel this CPU runs, if any: AMX, then AVX-512 VNNI.
+    pub fn detect() -> Option<Self> {
+        Self::amx().or_else(|| Self::for_isa(Isa::Avx512Vnni))
+    }
+
+    /// The instruction set of this kernel (AVX-512 VNNI for the AMX kernel too, whose float
+    /// step uses it).
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// Whether the integer sums come from AMX tile multiplies.
+    pub fn uses_amx(&self) -> bool {
+        self.amx
+    }
+
+    /// A short name: `amx-int8`, or the instruction set's name.
+    pub fn name(&self) -> &'static str {
+        if self.amx {
+            "amx-int8"
+        } else {
+            self.isa.name()
+        }
     }
 
     /// [`pack_panel`] with this instruction set's code extraction (the same panel, byte
@@ -439,6 +484,8 @@ impl PanelGemm {
         );
         assert!(out.len() >= (x.tokens - 1) * stride + panel.rows, "panel output too short");
         match self.isa {
+            #[cfg(all(target_arch = "x86_64", feature = "std"))]
+            Isa::Avx512Vnni if self.amx => amx::gemm(panel, Family::of(panel.format), x, out, stride),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => x86::gemm(panel, Family::of(panel.format), x, out, stride),
             _ => gemm_scalar(panel, x, out, stride),

@@ -59,11 +59,12 @@ fn check(format: WeightFormat, rows: usize, units: usize, tokens: usize, bytes: 
     let reference_panel: std::vec::Vec<[u8; 64]> =
         pack_panel(format, &data, rows, cols, &mut lines).lines.iter().map(|l| l.0).collect();
     let stride = rows + 3;
-    for gemm in [Some(PanelGemm::scalar()), PanelGemm::detect()].into_iter().flatten() {
+    let kernels = [Some(PanelGemm::scalar()), PanelGemm::for_isa(crate::dot::Isa::Avx512Vnni), PanelGemm::amx()];
+    for gemm in kernels.into_iter().flatten() {
         let mut lines = std::vec![PanelLine([0x55; 64]); panel_lines(cols)];
         let panel = gemm.pack(format, &data, rows, cols, &mut lines);
         let packed: std::vec::Vec<[u8; 64]> = panel.lines.iter().map(|l| l.0).collect();
-        assert!(packed == reference_panel, "{format:?} {:?}: packed panel differs from pack_panel's", gemm.isa());
+        assert!(packed == reference_panel, "{format:?} {:?}: packed panel differs from pack_panel's", gemm.name());
         let mut out = std::vec![f32::NAN; (tokens - 1) * stride + rows];
         gemm.run(&panel, &x, &mut out, stride);
         for t in 0..tokens {
@@ -72,12 +73,12 @@ fn check(format: WeightFormat, rows: usize, units: usize, tokens: usize, bytes: 
                 assert_eq!(
                     got.to_bits(),
                     want.to_bits(),
-                    "{format:?} {:?} row {r} token {t}: {got} vs {want}",
-                    gemm.isa()
+                    "{format:?} {} row {r} token {t}: {got} vs {want}",
+                    gemm.name()
                 );
             }
             for gap in rows..stride.min(out.len() - t * stride) {
-                assert!(out[t * stride + gap].is_nan(), "{format:?} {:?} wrote past its rows", gemm.isa());
+                assert!(out[t * stride + gap].is_nan(), "{format:?} {} wrote past its rows", gemm.name());
             }
         }
     }
@@ -88,7 +89,9 @@ fn extreme_codes_are_bit_identical() {
     for format in WeightFormat::ALL {
         for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
             let units = if format.block_len() == 32 { 9 } else { 2 };
-            check(format, PANEL_ROWS, units, 5, &[fill], &[1.0, -2.0], &[1.0, -1.0, 127.0, -127.0]);
+            for tokens in [5, 17] {
+                check(format, PANEL_ROWS, units, tokens, &[fill], &[1.0, -2.0], &[1.0, -1.0, 127.0, -127.0]);
+            }
         }
     }
 }
@@ -100,7 +103,7 @@ proptest! {
         format_index in 0usize..8,
         rows in 1usize..=16,
         units in 1usize..24,
-        tokens in 1usize..10,
+        tokens in 1usize..40,
         bytes in proptest::collection::vec(any::<u8>(), 1..400),
         scales in proptest::collection::vec(-1.0f32..1.0, 16..24),
         seed in proptest::collection::vec(-50f32..50.0, 1..64),
@@ -111,11 +114,18 @@ proptest! {
     }
 }
 
-/// CI sets `PETREL_EXPECT_ISA`; where it names `avx512vnni`, the panel kernel must exist.
+/// CI sets `PETREL_EXPECT_ISA`; where it names `avx512vnni` (or `amx-int8`), that panel
+/// kernel must exist, so that the tests above cannot pass by skipping it.
 #[test]
 fn expected_panel_kernel_is_available() {
     let Ok(expected) = std::env::var("PETREL_EXPECT_ISA") else { return };
     if expected.split(',').any(|n| n == "avx512vnni") {
-        assert!(PanelGemm::detect().is_some(), "PETREL_EXPECT_ISA names avx512vnni but there is no panel kernel");
+        assert!(
+            PanelGemm::for_isa(crate::dot::Isa::Avx512Vnni).is_some(),
+            "PETREL_EXPECT_ISA names avx512vnni but there is no panel kernel"
+        );
+    }
+    if expected.split(',').any(|n| n == "amx-int8") {
+        assert!(PanelGemm::amx().is_some(), "PETREL_EXPECT_ISA names amx-int8 but AMX is unavailable");
     }
 }

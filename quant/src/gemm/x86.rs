@@ -10,10 +10,11 @@ use core::arch::x86_64::*;
 use super::{Family, Panel, PanelLine, Q8Batch, LINES_PER_BLOCK};
 use crate::blocks::{k_scale_min, read_f16, WeightFormat, BLOCK_LEN};
 
-const OFFSET: u8 = 0;
-const MINIMUM: u8 = 1;
-const K_QUANT: u8 = 2;
-const SIX_BIT: u8 = 3;
+/// Family tags for the monomorphized kernels.
+pub(super) const OFFSET: u8 = 0;
+pub(super) const MINIMUM: u8 = 1;
+pub(super) const K_QUANT: u8 = 2;
+pub(super) const SIX_BIT: u8 = 3;
 
 /// See [`super::PanelGemm::run`]; the caller has checked every length and that this CPU has
 /// AVX-512 F, BW and VNNI.
@@ -66,6 +67,60 @@ unsafe fn low_half_sum(p: *const i8) -> i32 {
     (_mm_cvtsi128_si32(sums) + _mm_extract_epi16::<4>(sums)) - 2048
 }
 
+/// The float contribution of panel record `record` (one activation block) for one token,
+/// 16 rows at once, with the reference's expression: `acc` holds the rows' exact sums of
+/// code × activation over the block (for Q6_K only its low 16 columns, `acc_high` the high
+/// 16), `block_x` the token's 32 activations, `d_x` and `sum_x` their scale and exact sum.
+/// Shared by the VNNI and AMX kernels, so that both are the same arithmetic.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn contribution<const FAM: u8>(
+    record: *const PanelLine,
+    offset: i32,
+    acc: __m512i,
+    acc_high: __m512i,
+    block_x: *const i8,
+    d_x: f32,
+    sum_x: i32,
+) -> __m512 {
+    // SAFETY: the caller's `record` is 12 aligned panel lines and `block_x` 32 bytes.
+    unsafe {
+        let d_w = _mm512_load_ps(record.add(8) as *const f32);
+        let d_x_v = _mm512_set1_ps(d_x);
+        let dwdx = _mm512_mul_ps(d_w, d_x_v);
+        match FAM {
+            OFFSET => {
+                let isum = _mm512_sub_epi32(acc, _mm512_set1_epi32(offset * sum_x));
+                _mm512_mul_ps(dwdx, _mm512_cvtepi32_ps(isum))
+            }
+            MINIMUM => {
+                let m_w = _mm512_load_ps(record.add(9) as *const f32);
+                _mm512_add_ps(
+                    _mm512_mul_ps(dwdx, _mm512_cvtepi32_ps(acc)),
+                    _mm512_mul_ps(_mm512_mul_ps(m_w, d_x_v), _mm512_set1_ps(sum_x as f32)),
+                )
+            }
+            K_QUANT => {
+                let dmin = _mm512_load_ps(record.add(9) as *const f32);
+                let sc = _mm512_load_si512(record.add(10) as *const __m512i);
+                let m = _mm512_load_si512(record.add(11) as *const __m512i);
+                let scaled = _mm512_cvtepi32_ps(_mm512_mullo_epi32(sc, acc));
+                let mins = _mm512_cvtepi32_ps(_mm512_mullo_epi32(m, _mm512_set1_epi32(sum_x)));
+                _mm512_sub_ps(_mm512_mul_ps(dwdx, scaled), _mm512_mul_ps(_mm512_mul_ps(dmin, d_x_v), mins))
+            }
+            _ => {
+                let sc_low = _mm512_load_si512(record.add(10) as *const __m512i);
+                let sc_high = _mm512_load_si512(record.add(11) as *const __m512i);
+                let low_sum = low_half_sum(block_x);
+                let low = _mm512_sub_epi32(acc, _mm512_set1_epi32(32 * low_sum));
+                let high = _mm512_sub_epi32(acc_high, _mm512_set1_epi32(32 * (sum_x - low_sum)));
+                let scaled = _mm512_add_epi32(_mm512_mullo_epi32(sc_low, low), _mm512_mullo_epi32(sc_high, high));
+                _mm512_mul_ps(dwdx, _mm512_cvtepi32_ps(scaled))
+            }
+        }
+    }
+}
+
 /// Tokens `t0 .. t0 + C` against the whole panel.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn pass<const C: usize, const FAM: u8>(
@@ -112,43 +167,11 @@ unsafe fn pass<const C: usize, const FAM: u8>(
                         }
                     }
                 }
-                let d_w = _mm512_load_ps(record.add(8) as *const f32);
                 for c in 0..C {
-                    let (d_x, sum_x) = (scales[c][b], sums[c][b]);
-                    let d_x_v = _mm512_set1_ps(d_x);
-                    let dwdx = _mm512_mul_ps(d_w, d_x_v);
-                    let contribution = match FAM {
-                        OFFSET => {
-                            let isum = _mm512_sub_epi32(acc[c], _mm512_set1_epi32(offset * sum_x));
-                            _mm512_mul_ps(dwdx, _mm512_cvtepi32_ps(isum))
-                        }
-                        MINIMUM => {
-                            let m_w = _mm512_load_ps(record.add(9) as *const f32);
-                            _mm512_add_ps(
-                                _mm512_mul_ps(dwdx, _mm512_cvtepi32_ps(acc[c])),
-                                _mm512_mul_ps(_mm512_mul_ps(m_w, d_x_v), _mm512_set1_ps(sum_x as f32)),
-                            )
-                        }
-                        K_QUANT => {
-                            let dmin = _mm512_load_ps(record.add(9) as *const f32);
-                            let sc = _mm512_load_si512(record.add(10) as *const __m512i);
-                            let m = _mm512_load_si512(record.add(11) as *const __m512i);
-                            let scaled = _mm512_cvtepi32_ps(_mm512_mullo_epi32(sc, acc[c]));
-                            let mins = _mm512_cvtepi32_ps(_mm512_mullo_epi32(m, _mm512_set1_epi32(sum_x)));
-                            _mm512_sub_ps(_mm512_mul_ps(dwdx, scaled), _mm512_mul_ps(_mm512_mul_ps(dmin, d_x_v), mins))
-                        }
-                        _ => {
-                            let sc_low = _mm512_load_si512(record.add(10) as *const __m512i);
-                            let sc_high = _mm512_load_si512(record.add(11) as *const __m512i);
-                            let low_sum = low_half_sum(qs[c].add(b * BLOCK_LEN));
-                            let low = _mm512_sub_epi32(acc[c], _mm512_set1_epi32(32 * low_sum));
-                            let high = _mm512_sub_epi32(acc_high[c], _mm512_set1_epi32(32 * (sum_x - low_sum)));
-                            let scaled =
-                                _mm512_add_epi32(_mm512_mullo_epi32(sc_low, low), _mm512_mullo_epi32(sc_high, high));
-                            _mm512_mul_ps(dwdx, _mm512_cvtepi32_ps(scaled))
-                        }
-                    };
-                    lane[c] = _mm512_add_ps(lane[c], contribution);
+                    let block_x = qs[c].add(b * BLOCK_LEN);
+                    let part =
+                        contribution::<FAM>(record, offset, acc[c], acc_high[c], block_x, scales[c][b], sums[c][b]);
+                    lane[c] = _mm512_add_ps(lane[c], part);
                 }
             }
         }

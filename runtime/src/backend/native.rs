@@ -27,7 +27,8 @@ pub struct NativeBackend {
     /// f32 kernels for attention and SwiGLU.
     pub float: FloatKernels,
     /// The prefill panel kernel for block weights, where `kernels`' instruction set has
-    /// one (AVX-512 VNNI); batches of at least [`PANEL_MIN_TOKENS`] tokens use it.
+    /// one (AVX-512 VNNI; AMX-INT8 through [`NativeBackend::with_amx`]); batches of at
+    /// least [`PANEL_MIN_TOKENS`] tokens use it.
     pub panel: Option<PanelGemm>,
 }
 
@@ -53,6 +54,15 @@ impl NativeBackend {
                 Isa::Scalar => None,
                 isa => PanelGemm::for_isa(isa),
             },
+        }
+    }
+
+    /// The same kernels with the AMX-INT8 panel kernel in place of the AVX-512 VNNI one,
+    /// where the CPU and OS allow it (otherwise unchanged).
+    pub fn with_amx(self) -> Self {
+        match (self.panel, PanelGemm::amx()) {
+            (Some(panel), Some(amx)) if panel.isa() == amx.isa() => NativeBackend { panel: Some(amx), ..self },
+            _ => self,
         }
     }
 }
