@@ -184,8 +184,7 @@ impl Store {
                 let bytes = &mut codes[at / 2..(at + values.len()) / 2];
                 for (h, (out, x)) in bytes.chunks_exact_mut(head_dim / 2).zip(values.chunks_exact(head_dim)).enumerate()
                 {
-                    let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                    let scale = half::f16::from_f32(amax / 7.0);
+                    let scale = q4_scale(x);
                     let inverse = if scale.to_f32() > 0.0 { 1.0 / scale.to_f32() } else { 0.0 };
                     let code = |v: f32| (libm::roundf(v * inverse).clamp(-7.0, 7.0) as i8 + 8) as u8;
                     for (byte, pair) in out.iter_mut().zip(x.chunks_exact(2)) {
@@ -196,6 +195,29 @@ impl Store {
             }
         }
     }
+}
+
+/// Fractions of `max |x| / 7` that [`q4_scale`] tries: clipping the largest values of a
+/// head to a smaller step costs less than the coarser step costs every other value.
+const Q4_CLIPS: [f32; 6] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75];
+
+/// The f16 scale of one head of a 4-bit cache: of `max |x| / 7` times each of
+/// [`Q4_CLIPS`], the one whose codes reproduce `x` with the least squared error.
+fn q4_scale(x: &[f32]) -> half::f16 {
+    let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let mut best = (f32::INFINITY, half::f16::ZERO);
+    for clip in Q4_CLIPS {
+        let scale = half::f16::from_f32(amax * clip / 7.0);
+        let step = scale.to_f32();
+        if step <= 0.0 {
+            return half::f16::ZERO;
+        }
+        let error: f32 = x.iter().map(|&v| (libm::roundf(v / step).clamp(-7.0, 7.0) * step - v).powi(2)).sum();
+        if error < best.0 {
+            best = (error, scale);
+        }
+    }
+    best.1
 }
 
 /// Stored keys or values of one layer, row-major (`kv_heads × head_dim` per row).
