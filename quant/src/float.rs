@@ -94,26 +94,71 @@ impl FloatKernels {
         }
     }
 
-    /// The fastest versions this CPU runs.
-    pub fn detect() -> Self {
+    /// The AVX2 table (the caller checked AVX2 and FMA).
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_unchecked() -> Self {
+        FloatKernels {
+            dot: x86::dot,
+            axpy: x86::axpy,
+            exp_sub: x86::exp_sub,
+            silu_mul: x86::silu_mul,
+            gelu_tanh_mul: x86::gelu_tanh_mul,
+            tile_scores: x86::tile_scores,
+            tile_exp: x86::tile_exp,
+            tile_pv: x86::tile_pv,
+            tile_scores_f16: x86::tile_scores,
+            tile_pv_f16: x86::tile_pv,
+            tile_scores_i8: x86::tile_scores,
+            tile_pv_i8: x86::tile_pv,
+        }
+    }
+
+    /// Without x86 SIMD: NEON tile kernels on aarch64 (NEON is part of the base ISA), else
+    /// the portable versions.
+    fn fallback() -> Self {
+        #[cfg(target_arch = "aarch64")]
+        return FloatKernels {
+            tile_scores: neon::tile_scores,
+            tile_pv: neon::tile_pv,
+            tile_scores_f16: neon::tile_scores,
+            tile_pv_f16: neon::tile_pv,
+            tile_scores_i8: neon::tile_scores,
+            tile_pv_i8: neon::tile_pv,
+            ..Self::scalar()
+        };
+        #[cfg(not(target_arch = "aarch64"))]
+        Self::scalar()
+    }
+
+    /// The AVX2 versions, where this CPU has AVX2 and FMA.
+    pub fn avx2() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if crate::dot::Kernels::for_isa(crate::dot::Isa::Avx2).is_some() {
-            return FloatKernels {
-                dot: x86::dot,
-                axpy: x86::axpy,
-                exp_sub: x86::exp_sub,
-                silu_mul: x86::silu_mul,
-                gelu_tanh_mul: x86::gelu_tanh_mul,
-                tile_scores: x86::tile_scores,
-                tile_exp: x86::tile_exp,
-                tile_pv: x86::tile_pv,
-                tile_scores_f16: x86::tile_scores,
-                tile_pv_f16: x86::tile_pv,
-                tile_scores_i8: x86::tile_scores,
-                tile_pv_i8: x86::tile_pv,
-            };
+            return Some(Self::avx2_unchecked());
         }
-        Self::scalar()
+        None
+    }
+
+    /// The fastest versions this CPU runs: AVX-512 tile kernels for attention where the
+    /// CPU has AVX-512 F (with the AVX2 versions of the rest), else [`FloatKernels::avx2`],
+    /// NEON tile kernels on aarch64, else the portable ones.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = Self::avx2() {
+            if crate::dot::Kernels::for_isa(crate::dot::Isa::Avx512Vnni).is_some() {
+                return FloatKernels {
+                    tile_scores: x86::tile_scores_avx512,
+                    tile_pv: x86::tile_pv_avx512,
+                    tile_scores_f16: x86::tile_scores_avx512,
+                    tile_pv_f16: x86::tile_pv_avx512,
+                    tile_scores_i8: x86::tile_scores_avx512,
+                    tile_pv_i8: x86::tile_pv_avx512,
+                    ..avx2
+                };
+            }
+            return avx2;
+        }
+        Self::fallback()
     }
 
     /// `Σ a_i b_i` over the shorter of the two slices.
@@ -345,6 +390,108 @@ mod scalar {
     }
 }
 
+/// NEON tile kernels for attention: the scalar reference's operations in its order
+/// (eight lanes `d % 8` as two 4-lane registers, separate multiply and add), so they agree
+/// with it bit for bit.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+
+    use super::{scalar, ElementKind, KvElement, KEY_TILE};
+
+    /// Four consecutive elements at `p` widened to f32 (halves through the exact scalar
+    /// conversion: the f16 vector type is not stable in Rust).
+    ///
+    /// # Safety
+    /// `p` must point at four readable elements.
+    #[inline(always)]
+    unsafe fn load4<T: KvElement>(p: *const T) -> float32x4_t {
+        // SAFETY: the caller's four elements.
+        unsafe {
+            match T::KIND {
+                ElementKind::Single => vld1q_f32(p as *const f32),
+                ElementKind::Byte => {
+                    let bytes = vreinterpret_s8_s32(vld1_dup_s32((p as *const i32).cast()));
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(bytes))))
+                }
+                ElementKind::Half => {
+                    let wide: [f32; 4] = core::array::from_fn(|i| (*p.add(i)).to_f32());
+                    vld1q_f32(wide.as_ptr())
+                }
+            }
+        }
+    }
+
+    pub(super) fn tile_scores<T: KvElement>(q: &[f32], keys: &[T], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let len = q.len();
+        let full = len / 8 * 8;
+        if n > 0 {
+            assert!(n <= KEY_TILE && keys.len() >= (n - 1) * stride + len);
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            if j >= n {
+                *o = 0.0;
+                continue;
+            }
+            let row = &keys[j * stride..j * stride + len];
+            // SAFETY: NEON is part of aarch64; every load reads 4 of the `len` elements of
+            // `q` and of `row` below `full`.
+            unsafe {
+                let (mut low, mut high) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+                let mut d = 0;
+                while d < full {
+                    low = vaddq_f32(low, vmulq_f32(vld1q_f32(q.as_ptr().add(d)), load4(row.as_ptr().add(d))));
+                    high = vaddq_f32(high, vmulq_f32(vld1q_f32(q.as_ptr().add(d + 4)), load4(row.as_ptr().add(d + 4))));
+                    d += 8;
+                }
+                let mut a = [0f32; 8];
+                vst1q_f32(a.as_mut_ptr(), low);
+                vst1q_f32(a.as_mut_ptr().add(4), high);
+                for d in full..len {
+                    a[d % 8] += q[d] * row[d].to_f32();
+                }
+                *o = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            }
+        }
+    }
+
+    pub(super) fn tile_pv<T: KvElement>(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[T], stride: usize) {
+        let len = out.len();
+        if n == 0 {
+            return;
+        }
+        assert!(values.len() >= (n - 1) * stride + len);
+        let full = len / 16 * 16;
+        let po = out.as_mut_ptr();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: NEON is part of aarch64; i + 16 <= len, and each row holds `len`
+            // elements from `j * stride` (checked above).
+            unsafe {
+                let mut o = [
+                    vld1q_f32(po.add(i)),
+                    vld1q_f32(po.add(i + 4)),
+                    vld1q_f32(po.add(i + 8)),
+                    vld1q_f32(po.add(i + 12)),
+                ];
+                for (j, &w) in p[..n].iter().enumerate() {
+                    let (wv, row) = (vdupq_n_f32(w), values.as_ptr().add(j * stride + i));
+                    for (b, ob) in o.iter_mut().enumerate() {
+                        *ob = vaddq_f32(*ob, vmulq_f32(wv, load4(row.add(4 * b))));
+                    }
+                }
+                for (b, ob) in o.iter().enumerate() {
+                    vst1q_f32(po.add(i + 4 * b), *ob);
+                }
+            }
+            i += 16;
+        }
+        if i < len {
+            scalar::tile_pv(&mut out[i..], p, n, &values[i..], stride);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
@@ -521,6 +668,146 @@ mod x86 {
         if i < len {
             let tail = &values[i..];
             scalar::tile_pv(&mut out[i..], p, n, tail, stride);
+        }
+    }
+
+    /// [`tile_scores`] on AVX-512: sixteen keys at once, key `r` in the low half of
+    /// accumulator `r` and key `r + 8` in its high half, each half holding the reference's
+    /// eight lanes `d % 8`; the final tree `((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7))` runs in
+    /// place (pairs, quads, halves), so the scores equal the scalar ones bit for bit.
+    pub(super) fn tile_scores_avx512<T: KvElement>(
+        q: &[f32],
+        keys: &[T],
+        stride: usize,
+        n: usize,
+        out: &mut [f32; KEY_TILE],
+    ) {
+        if n == 0 {
+            *out = [0.0; KEY_TILE];
+            return;
+        }
+        assert!(n <= KEY_TILE && keys.len() >= (n - 1) * stride + q.len());
+        // SAFETY: `FloatKernels::detect` hands this out only with AVX-512 F, AVX2, FMA and
+        // F16C; reads rows `j * stride..j * stride + q.len()` for `j < n`.
+        unsafe { tile_scores_512(q, keys, stride, n, out) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn tile_scores_512<T: KvElement>(q: &[f32], keys: &[T], stride: usize, n: usize, out: &mut [f32; KEY_TILE]) {
+        let len = q.len();
+        let full = len / 8 * 8;
+        let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+        // Keys past `n` repeat the last one (in bounds); their scores are zeroed below.
+        let rows: [usize; KEY_TILE] = core::array::from_fn(|r| r.min(n - 1) * stride);
+        let pair = |low: __m256, high: __m256| {
+            _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castps_pd(_mm512_castps256_ps512(low)),
+                _mm256_castps_pd(high),
+            ))
+        };
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= len, and every row holds len elements.
+            unsafe {
+                let q8 = _mm256_loadu_ps(pq.add(i));
+                let qv = pair(q8, q8);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let k = pair(load8!(T, pk, rows[r] + i), load8!(T, pk, rows[r + 8] + i));
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(qv, k));
+                }
+            }
+            i += 8;
+        }
+        if full < len {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let mut lanes = [0f32; 16];
+                // SAFETY: lanes holds 16 elements.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *a) };
+                for d in full..len {
+                    lanes[d % 8] += q[d] * keys[rows[r] + d].to_f32();
+                    lanes[8 + d % 8] += q[d] * keys[rows[r + 8] + d].to_f32();
+                }
+                // SAFETY: as above.
+                *a = unsafe { _mm512_loadu_ps(lanes.as_ptr()) };
+            }
+        }
+        let mut sums = [[0f32; 16]; 8];
+        for (a, sum) in acc.iter().zip(&mut sums) {
+            let pairs = _mm512_add_ps(*a, _mm512_permute_ps::<0b10_11_00_01>(*a));
+            let quads = _mm512_add_ps(pairs, _mm512_permute_ps::<0b01_00_11_10>(pairs));
+            let halves = _mm512_add_ps(quads, _mm512_shuffle_f32x4::<0b10_11_00_01>(quads, quads));
+            // SAFETY: `sum` holds 16 elements.
+            unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), halves) };
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = if j < n { sums[j % 8][8 * (j / 8)] } else { 0.0 };
+        }
+    }
+
+    /// [`tile_pv`] on AVX-512 (the same per-element operations, 16 lanes wide).
+    pub(super) fn tile_pv_avx512<T: KvElement>(
+        out: &mut [f32],
+        p: &[f32; KEY_TILE],
+        n: usize,
+        values: &[T],
+        stride: usize,
+    ) {
+        let len = out.len();
+        if n == 0 {
+            return;
+        }
+        assert!(values.len() >= (n - 1) * stride + len);
+        // SAFETY: as for `tile_scores_avx512`; reads rows `j * stride..j * stride + len`.
+        unsafe { tile_pv_512(out, p, n, values, stride) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn tile_pv_512<T: KvElement>(out: &mut [f32], p: &[f32; KEY_TILE], n: usize, values: &[T], stride: usize) {
+        let len = out.len();
+        let (po, pv) = (out.as_mut_ptr(), values.as_ptr());
+        let load16 = |at: *const T| {
+            // SAFETY: the caller's row holds 16 elements at `at`.
+            unsafe {
+                let (low, high) = (load8!(T, at, 0), load8!(T, at, 8));
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castps_pd(_mm512_castps256_ps512(low)),
+                    _mm256_castps_pd(high),
+                ))
+            }
+        };
+        let mut i = 0;
+        while i + 64 <= len {
+            // SAFETY: i + 64 <= len; the caller checked the rows' extent.
+            unsafe {
+                let mut o: [__m512; 4] = core::array::from_fn(|b| _mm512_loadu_ps(po.add(i + 16 * b)));
+                for (j, &w) in p[..n].iter().enumerate() {
+                    let wv = _mm512_set1_ps(w);
+                    let row = pv.add(j * stride + i);
+                    for (b, ob) in o.iter_mut().enumerate() {
+                        *ob = _mm512_add_ps(*ob, _mm512_mul_ps(wv, load16(row.add(16 * b))));
+                    }
+                }
+                for (b, ob) in o.iter().enumerate() {
+                    _mm512_storeu_ps(po.add(i + 16 * b), *ob);
+                }
+            }
+            i += 64;
+        }
+        while i + 16 <= len {
+            // SAFETY: i + 16 <= len; as above.
+            unsafe {
+                let mut o = _mm512_loadu_ps(po.add(i));
+                for (j, &w) in p[..n].iter().enumerate() {
+                    o = _mm512_add_ps(o, _mm512_mul_ps(_mm512_set1_ps(w), load16(pv.add(j * stride + i))));
+                }
+                _mm512_storeu_ps(po.add(i), o);
+            }
+            i += 16;
+        }
+        if i < len {
+            // SAFETY: AVX2 is present; the remaining rows' extent was checked by the caller.
+            unsafe { tile_pv_avx2(&mut out[i..], p, n, &values[i..], stride) };
         }
     }
 
@@ -736,7 +1023,7 @@ mod tests {
     #[test]
     fn f16_tile_kernels_equal_the_f32_ones_on_widened_rows() {
         let val = |i: usize, m: usize| ((i * 2_654_435_761 % m) as f32 / m as f32 - 0.5) * 4.0;
-        for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+        for fk in every_set() {
             for len in [1usize, 7, 8, 13, 64, 70, 136, 256] {
                 let q: std::vec::Vec<f32> = (0..len).map(|i| val(i + 5, 1009)).collect();
                 let stride = len + 5;
@@ -760,7 +1047,7 @@ mod tests {
 
     #[test]
     fn i8_tile_kernels_equal_the_f32_ones_on_widened_rows() {
-        for fk in [FloatKernels::scalar(), FloatKernels::detect()] {
+        for fk in every_set() {
             for len in [1usize, 7, 8, 13, 64, 70, 136] {
                 let q: std::vec::Vec<f32> = (0..len).map(|i| (i as f32 * 0.71).sin()).collect();
                 let stride = len + 3;
@@ -784,7 +1071,22 @@ mod tests {
 
     #[test]
     fn tile_kernels_agree_with_scalar_bit_for_bit() {
-        let (s, d) = (FloatKernels::scalar(), FloatKernels::detect());
+        for d in every_set() {
+            tile_kernels_agree(&d);
+        }
+    }
+
+    /// The scalar kernels, the AVX2 ones where present, and the detected ones (AVX-512 or
+    /// NEON tile kernels where present).
+    fn every_set() -> std::vec::Vec<FloatKernels> {
+        [Some(FloatKernels::scalar()), FloatKernels::avx2(), Some(FloatKernels::detect())]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    fn tile_kernels_agree(d: &FloatKernels) {
+        let s = FloatKernels::scalar();
         let val = |i: usize, m: usize| ((i * 2_654_435_761 % m) as f32 / m as f32 - 0.5) * 4.0;
         for len in [0usize, 1, 3, 7, 8, 13, 64, 70, 100, 136] {
             let q: std::vec::Vec<f32> = (0..len).map(|i| val(i + 5, 1009)).collect();

@@ -212,7 +212,13 @@ fn q4_scale(x: &[f32]) -> half::f16 {
         if step <= 0.0 {
             return half::f16::ZERO;
         }
-        let error: f32 = x.iter().map(|&v| (libm::roundf(v / step).clamp(-7.0, 7.0) * step - v).powi(2)).sum();
+        let error: f32 = x
+            .iter()
+            .map(|&v| {
+                let e = libm::roundf(v / step).clamp(-7.0, 7.0) * step - v;
+                e * e
+            })
+            .sum();
         if error < best.0 {
             best = (error, scale);
         }
