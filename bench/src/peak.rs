@@ -89,10 +89,13 @@ mod amx {
 }
 
 /// `tdpbsud` per loop iteration of the AMX loop.
+#[cfg(target_arch = "x86_64")]
 const AMX_CHAINS: u64 = 4;
 /// Operations of one `tdpbsud` on full tiles: 2 × 16 × 16 × 64.
+#[cfg(target_arch = "x86_64")]
 const AMX_OPS_PER_INSTRUCTION: u64 = 2 * 16 * 16 * 64;
 /// Iterations per call of the AMX loop.
+#[cfg(target_arch = "x86_64")]
 const AMX_ITERS: u64 = 1_000_000;
 
 /// Peak GOPS of `tdpbsud` on one thread (best of 5 runs of ≥ 300 ms on-CPU), or `None`
