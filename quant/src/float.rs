@@ -148,6 +148,7 @@ impl FloatKernels {
             if crate::dot::Kernels::for_isa(crate::dot::Isa::Avx512Vnni).is_some() {
                 return FloatKernels {
                     tile_scores: x86::tile_scores_avx512,
+                    tile_exp: x86::tile_exp_avx512,
                     tile_pv: x86::tile_pv_avx512,
                     tile_scores_f16: x86::tile_scores_avx512,
                     tile_pv_f16: x86::tile_pv_avx512,
@@ -743,6 +744,44 @@ mod x86 {
         for (j, o) in out.iter_mut().enumerate() {
             *o = if j < n { sums[j % 8][8 * (j / 8)] } else { 0.0 };
         }
+    }
+
+    /// [`tile_exp`] on AVX-512: the sixteen scores in one register, [`super::exp_poly`]
+    /// lane for lane, and the sum in the reference's tree (halves, then [`hsum`]).
+    pub(super) fn tile_exp_avx512(x: &mut [f32; KEY_TILE], n: usize, shift: f32) -> f32 {
+        // SAFETY: `FloatKernels::detect` hands this out only with AVX-512 F, AVX2 and FMA.
+        unsafe { tile_exp_512(x, n, shift) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn tile_exp_512(x: &mut [f32; KEY_TILE], n: usize, shift: f32) -> f32 {
+        // SAFETY: `x` holds 16 elements.
+        let v = unsafe { _mm512_loadu_ps(x.as_ptr()) };
+        let keep: __mmask16 = if n >= KEY_TILE { 0xFFFF } else { (1u16 << n) - 1 };
+        let e = _mm512_maskz_mov_ps(keep, exp16_exact(_mm512_sub_ps(v, _mm512_set1_ps(shift))));
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(x.as_mut_ptr(), e) };
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+        hsum(_mm256_add_ps(_mm512_castps512_ps256(e), high))
+    }
+
+    /// The lanes of [`super::exp_poly`], operation for operation, sixteen wide.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn exp16_exact(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(core::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_sub_ps(x, _mm512_mul_ps(k, _mm512_set1_ps(LN2_HI)));
+        let r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(LN2_LO)));
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+        }
+        let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
     }
 
     /// [`tile_pv`] on AVX-512 (the same per-element operations, 16 lanes wide).
