@@ -74,7 +74,7 @@ def sections(elf):
 
 
 def main():
-    host = subprocess.run([str(PETREL), "run", "--raw", "--token-ids", "--temperature", "0", "-n", str(NEW_TOKENS),
+    host = subprocess.run([str(PETREL), "run", "--raw", "--token-ids", "--kv-type", "f32", "--temperature", "0", "-n", str(NEW_TOKENS),
                            "--context", str(CONTEXT), "-t", "1", "--model", str(MODEL), PROMPT],
                           capture_output=True, text=True, check=True).stderr
     host_prompt = [int(t) for t in re.search(r"\[prompt ids: ([0-9 ]+)\]", host).group(1).split()]

@@ -11,7 +11,7 @@ use petrel_models::backends::{BackendChoice, PreparedBackend};
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::sampler::argmax;
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 use serde_json::json;
 
 /// Arguments of `petrel-bench backends`.
@@ -49,6 +49,7 @@ fn measure(model: &Model<'_>, backend: &PreparedBackend, args: &BackendsArgs, pr
         capacity: args.prompt + args.decode + 1,
         threads: args.threads,
         max_batch: args.prompt,
+        kv_type: KvType::F32,
         ..SessionOptions::default()
     };
     let mut session = Session::with_backend(model, options, backend.backend())?;

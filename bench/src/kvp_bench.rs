@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 use serde::Serialize;
 
 use crate::{file_name, llama_speed, load_average, machine_name};
@@ -134,7 +134,7 @@ pub fn run(args: &KvpArgs) -> Result<()> {
     let load_average_start = load_average();
     let mut rows = Vec::new();
     for &threads in &args.threads {
-        let options = SessionOptions { capacity: longest, threads, ..SessionOptions::default() };
+        let options = SessionOptions { capacity: longest, threads, kv_type: KvType::F32, ..SessionOptions::default() };
         let predicted = SessionOptions { kv_prediction: true, ..options.clone() };
         let mut base = Session::new(&models[0], options.clone())?;
         let mut sessions = models.iter().map(|m| Session::new(m, predicted.clone())).collect::<Result<Vec<_>, _>>()?;

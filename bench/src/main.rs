@@ -34,7 +34,7 @@ use petrel_models::registry;
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::sampler::Pcg32;
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -110,6 +110,11 @@ struct Args {
     /// VNNI panel kernel).
     #[arg(long)]
     amx: bool,
+    /// Petrel's KV-cache type (`f32`, `f16`, `q8`, `q4`). f32, as the committed tables were
+    /// measured (llama-bench's cache is f16; at these lengths the type moves Petrel's
+    /// figures by a few percent at most, see `petrel-bench kv`).
+    #[arg(long, default_value = "f32", value_parser = |s: &str| KvType::parse(s).ok_or_else(|| format!("unknown KV-cache type {s:?}")))]
+    kv_type: KvType,
     /// Skip llama.cpp (otherwise run through bench/llama/llama_speed.py).
     #[arg(long)]
     no_llama: bool,
@@ -260,6 +265,7 @@ fn same_file_bench(args: &Args) -> Result<()> {
             args.repetitions,
             args.max_batch.unwrap_or(SessionOptions::default().max_batch),
             args.amx,
+            args.kv_type,
         )?;
         rows.extend(petrel);
         kernels = isa;
@@ -307,12 +313,13 @@ fn petrel_rows(
     repetitions: usize,
     max_batch: usize,
     amx: bool,
+    kv_type: KvType,
 ) -> Result<(Vec<Row>, String)> {
     let mut rows = Vec::new();
     let mut kernels = String::new();
     for &threads in threads {
         let capacity = prompts.iter().copied().max().unwrap_or(0).max(decode) + 1;
-        let options = SessionOptions { capacity, threads, max_batch, amx, ..SessionOptions::default() };
+        let options = SessionOptions { capacity, threads, max_batch, amx, kv_type, ..SessionOptions::default() };
         let mut session = Session::new(model, options)?;
         kernels = match session.panel_kernel() {
             Some(panel) => format!("{}, prefill panels {}", session.kernels().isa().name(), panel.name()),

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use petrel_runtime::gguf::GgufFile;
 use petrel_runtime::mapped::MappedFile;
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 use serde::Serialize;
 
 use crate::{file_name, load_average, machine_name};
@@ -158,7 +158,13 @@ pub fn run(args: &ModArgs) -> Result<()> {
     let mut rows = Vec::new();
     let (mut kv_prefill, mut kv_decode, mut routed_bytes) = ([0usize; 2], [0usize; 2], 0f64);
     for &threads in &args.threads {
-        let options = SessionOptions { capacity, threads, max_batch: longest.max(1), ..SessionOptions::default() };
+        let options = SessionOptions {
+            capacity,
+            threads,
+            max_batch: longest.max(1),
+            kv_type: KvType::F32,
+            ..SessionOptions::default()
+        };
         let mut sessions = [Session::new(&dense.model, options.clone())?, Session::new(&routed.model, options)?];
         for &n in &args.prompts {
             let mut best = [f64::INFINITY; 2];

@@ -285,6 +285,7 @@ pub fn run(args: &W4a4Args) -> Result<()> {
             args.repetitions,
             args.max_batch,
             false,
+            petrel_runtime::KvType::F32,
         )?;
         e2e.extend(rows);
         if !args.no_llama {

@@ -19,7 +19,7 @@ use core::fmt::Write;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::debug::{exit, EXIT_SUCCESS};
 use petrel_quant::dot::Isa;
-use petrel_runtime::{GgufFile, Kernels, Model, Sampler, SamplerConfig, Session, SessionOptions};
+use petrel_runtime::{GgufFile, Kernels, KvType, Model, Sampler, SamplerConfig, Session, SessionOptions};
 
 use petrel_firmware::counter::Counter;
 use petrel_firmware::{fail, memory, say};
@@ -154,6 +154,9 @@ fn generate(model: &Model<'_>, prompt: &[u32], kernels: Kernels, counter: &Count
         max_batch: MAX_BATCH,
         threads: 1,
         kernels: Some(kernels),
+        // f32: the tiny model's cache is a few KiB, and the M4F has no half-precision
+        // conversion instructions (the host check runs `--kv-type f32` to match).
+        kv_type: KvType::F32,
         ..SessionOptions::default()
     };
     let mut session = Session::new(model, options).map_err(|e| format!("no session: {e}"))?;

@@ -68,8 +68,10 @@ pub struct PplArgs {
     /// Score only the first N tokens of the text.
     #[arg(long)]
     max_tokens: Option<usize>,
-    /// How the KV cache stores keys and values (`f32`, `f16`).
-    #[arg(long, default_value = "f32", value_parser = |s: &str| KvType::parse(s).ok_or_else(|| format!("unknown KV-cache type {s:?} (f32, f16)")))]
+    /// How the KV cache stores keys and values (`f32`, `f16`, `q8`, `q4`). f32 here, unlike
+    /// `run` and the library: evaluation scores the model itself, and the README's
+    /// perplexities were measured that way.
+    #[arg(long, default_value = "f32", value_parser = |s: &str| KvType::parse(s).ok_or_else(|| format!("unknown KV-cache type {s:?} (f16, f32, q8, q4)")))]
     kv_type: KvType,
     /// Also write the results as JSON to this file.
     #[arg(long)]

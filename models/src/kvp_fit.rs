@@ -32,7 +32,7 @@ use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::kv_predict::{predictor_tensor_name, KEY_BLOCK_COUNT, KEY_LAYER_MAP, KEY_SOURCE_LAYERS};
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::scheme::KEY_ACTIVATION_BITS_PREFIX;
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 use rayon::prelude::*;
 
 use crate::quantize::master::Matrix;
@@ -328,7 +328,7 @@ pub fn run(args: &KvpFitArgs) -> Result<()> {
         bail!("{} has {} tokens, fewer than one window of {}", args.text.display(), tokens.len(), args.window);
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = SessionOptions { capacity: args.window, threads, ..SessionOptions::default() };
+    let options = SessionOptions { capacity: args.window, threads, kv_type: KvType::F32, ..SessionOptions::default() };
     let mut base_session = Session::new(&model, options.clone())?;
     let mut aux_session = Session::new(aux, options)?;
     let (base_tap, aux_tap) = (KvRecorder::new(layers), KvRecorder::new(aux.config.layers));

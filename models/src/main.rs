@@ -172,10 +172,11 @@ struct GenerationArgs {
     /// matrix kernels.
     #[arg(long, value_enum, default_value = "native")]
     backend: BackendChoice,
-    /// How the KV cache stores keys and values: `f32`, or `f16` (half the bytes per token;
-    /// perplexity and speed per type in the README). The stats line shows the bytes per
-    /// token.
-    #[arg(long, default_value = "f32", value_parser = parse_kv_type)]
+    /// How the KV cache stores keys and values: `f16` (half of f32's bytes per token, the
+    /// same perplexity), `f32`, `q8` (8-bit codes, rotated keys) or `q4` (4-bit codes;
+    /// poor quality on Qwen2.5). Perplexity and speed per type are in the README. The stats
+    /// line shows the bytes per token.
+    #[arg(long, default_value = "f16", value_parser = parse_kv_type)]
     kv_type: KvType,
 }
 

@@ -32,7 +32,7 @@ use petrel_runtime::gguf::{GgufFile, TensorType};
 use petrel_runtime::gguf_writer::{GgufWriter, MetadataValue};
 use petrel_runtime::mapped::MappedFile;
 use petrel_runtime::routing::{self, Gate};
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 
 use crate::ridge::{ridge_solve, standardize, Standardized};
 use crate::{corpus, registry};
@@ -300,7 +300,7 @@ pub fn run(args: &RouteFitArgs) -> Result<()> {
         sample: args.sample,
     };
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = SessionOptions { capacity: args.window, threads, ..SessionOptions::default() };
+    let options = SessionOptions { capacity: args.window, threads, kv_type: KvType::F32, ..SessionOptions::default() };
     let mut session = Session::new(&model, options)?;
     let bar = ProgressBar::new((windows * args.window) as u64).with_style(
         ProgressStyle::with_template("calibrating {bar:30} {pos}/{len} tokens ({per_sec}, eta {eta})")

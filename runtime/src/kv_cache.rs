@@ -13,10 +13,12 @@ use crate::config::ModelConfig;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
     /// 4 bytes per value, exactly as computed.
-    #[default]
     F32,
     /// IEEE half precision, 2 bytes per value (round to nearest even; llama.cpp's default
-    /// cache type). Attention widens it exactly on load.
+    /// cache type). Attention widens it exactly on load. The default: held-out perplexity
+    /// within 0.07% of f32 on SmolLM2 and Qwen2.5, decode at depth 2048 1.02–1.21× f32's
+    /// speed, half the bytes.
+    #[default]
     F16,
     /// 8-bit codes with one f32 scale per token and key/value head (`max |x| / 127`,
     /// round to nearest): about 1 byte per value. Attention multiplies each key's score
@@ -80,6 +82,20 @@ impl KvType {
     }
 }
 
+/// Allocations of at least this many bytes are probed before the zeroed allocation.
+/// Smaller ones are not: glibc raises its mmap threshold (up to 32 MiB) when a block is
+/// freed, so a probe of a few MiB would send the real allocation to the heap, where calloc
+/// writes every page; above 32 MiB it always maps fresh, untouched pages.
+const PROBE_BYTES: usize = 64 << 20;
+
+/// Whether `n` values of `T` can be allocated (only checked from [`PROBE_BYTES`] on).
+fn probe<T>(n: usize) -> Option<()> {
+    if n.saturating_mul(core::mem::size_of::<T>()) >= PROBE_BYTES {
+        Vec::<T>::new().try_reserve_exact(n).ok()?;
+    }
+    Some(())
+}
+
 /// The stored keys or values of all layers.
 #[derive(Debug)]
 enum Store {
@@ -103,29 +119,28 @@ impl Store {
     /// `n` zeroed values of `ty` in heads of `head_dim`, or `None` if they cannot be
     /// allocated.
     fn zeroed(ty: KvType, n: usize, head_dim: usize) -> Option<Self> {
-        // Probe that the allocation can succeed, then let `vec!` take zeroed memory from
-        // the allocator (calloc: pages stay untouched, so unused context — and the rows a
-        // routed block never writes — cost no RSS; filling a reserved Vec would write
-        // every page).
+        // `vec!` takes zeroed memory from the allocator (calloc: pages stay untouched, so
+        // unused context — and the rows a routed block never writes — cost no RSS; filling
+        // a reserved Vec would write every page). Large sizes are first probed, so that an
+        // absurd size from a file or a caller is reported instead of aborting.
+        let heads = n / head_dim.max(1);
         Some(match ty {
             KvType::F32 => {
-                Vec::<f32>::new().try_reserve_exact(n).ok()?;
+                probe::<f32>(n)?;
                 Store::F32(vec![0.0; n])
             }
             KvType::F16 => {
-                Vec::<u16>::new().try_reserve_exact(n).ok()?;
+                probe::<u16>(n)?;
                 Store::F16(vec![0; n])
             }
             KvType::Q8 => {
-                let heads = n / head_dim.max(1);
-                Vec::<i8>::new().try_reserve_exact(n).ok()?;
-                Vec::<f32>::new().try_reserve_exact(heads).ok()?;
+                probe::<i8>(n)?;
+                probe::<f32>(heads)?;
                 Store::Q8 { codes: vec![0; n], scales: vec![0.0; heads], head_dim }
             }
             KvType::Q4 => {
-                let heads = n / head_dim.max(1);
-                Vec::<u8>::new().try_reserve_exact(n / 2).ok()?;
-                Vec::<u16>::new().try_reserve_exact(heads).ok()?;
+                probe::<u8>(n / 2)?;
+                probe::<u16>(heads)?;
                 Store::Q4 { codes: vec![0; n / 2], scales: vec![0; heads], head_dim }
             }
         })

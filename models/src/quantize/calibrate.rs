@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use petrel_runtime::forward::{ActivationTap, TapSite};
-use petrel_runtime::{Model, Session, SessionOptions};
+use petrel_runtime::{KvType, Model, Session, SessionOptions};
 
 /// Input Hessians per block and [`TapSite`], each `cols × cols` row-major in f64, with
 /// the number of tokens they summarize.
@@ -51,8 +51,10 @@ pub fn collect(model: &Model<'_>, sequences: &[Vec<u32>], threads: usize) -> Res
     let c = &model.config;
     let width = |site: TapSite| if site == TapSite::DownInput { c.ffn_dim } else { c.dim };
     let longest = sequences.iter().map(Vec::len).max().unwrap_or(1);
-    let mut session =
-        Session::new(model, SessionOptions { capacity: longest, max_batch: 64, threads, ..SessionOptions::default() })?;
+    let mut session = Session::new(
+        model,
+        SessionOptions { capacity: longest, max_batch: 64, threads, kv_type: KvType::F32, ..SessionOptions::default() },
+    )?;
     let mut sums: Vec<[Vec<f64>; 4]> =
         (0..c.layers).map(|_| TapSite::ALL.map(|s| vec![0f64; width(s) * width(s)])).collect();
     let capture = Capture { rows: (0..c.layers * 4).map(|_| Mutex::new(Vec::new())).collect() };
