@@ -47,7 +47,7 @@ def ppl(model, tokens, threads, routing=None):
 
 
 def answer(model):
-    text = sh([PETREL, "run", "--model", model, "--max-tokens", "24", "--threads", "1", QUESTION])
+    text = sh([PETREL, "run", "--kv-type", "f32", "--model", model, "--max-tokens", "24", "--threads", "1", QUESTION])
     return " ".join(text.split())
 
 

@@ -115,7 +115,7 @@ def main():
         stats[name] = json.loads(out.read_text())
         samples[name] = []
         for prompt in PROMPTS:
-            text = sh([PETREL, "run", "--raw", "--model", run / "model-w4a4.gguf", "-n", "48", "--threads", "1", prompt],
+            text = sh([PETREL, "run", "--raw", "--kv-type", "f32", "--model", run / "model-w4a4.gguf", "-n", "48", "--threads", "1", prompt],
                       stdout_only=True)
             samples[name].append({"prompt": prompt, "text": prompt + text.rstrip()})
 

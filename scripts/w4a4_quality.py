@@ -91,7 +91,7 @@ def main():
         sh([PETREL, "eval", "ppl", "-m", model, "--text", heldout, "--window", "512", "--stride", "256",
             "--max-tokens", str(args.tokens), "--json", ppl_json])
         ppl = json.loads(ppl_json.read_text())
-        chat = sh([PETREL, "run", "--model", model, "--max-tokens", "24", "--temperature", "0",
+        chat = sh([PETREL, "run", "--kv-type", "f32", "--model", model, "--max-tokens", "24", "--temperature", "0",
                    "What is the capital of France?"])
         peak = re.search(r"peak memory ([0-9.]+) MiB", chat)
         answer = chat.split("[TTFT")[0].strip().splitlines()[-1] if "[TTFT" in chat else chat.strip()

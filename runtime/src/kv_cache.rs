@@ -12,13 +12,14 @@ use crate::config::ModelConfig;
 /// How the cache stores keys and values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
-    /// 4 bytes per value, exactly as computed.
+    /// 4 bytes per value, exactly as computed. The library's default (what the tools and
+    /// tests compare against).
+    #[default]
     F32,
     /// IEEE half precision, 2 bytes per value (round to nearest even; llama.cpp's default
-    /// cache type). Attention widens it exactly on load. The default: held-out perplexity
-    /// within 0.07% of f32 on SmolLM2 and Qwen2.5, decode at depth 2048 1.02–1.21× f32's
-    /// speed, half the bytes.
-    #[default]
+    /// cache type). Attention widens it exactly on load. `petrel run|chat`'s default:
+    /// held-out perplexity within 0.07% of f32 on SmolLM2 and Qwen2.5, decode at depth 2048
+    /// 1.02–1.21× f32's speed, half the bytes.
     F16,
     /// 8-bit codes with one f32 scale per token and key/value head (`max |x| / 127`,
     /// round to nearest): about 1 byte per value. Attention multiplies each key's score

@@ -59,7 +59,7 @@ impl Default for SessionOptions {
             amx: false,
             prefill_routing: PrefillRouting::TopK,
             kv_prediction: false,
-            kv_type: KvType::F16,
+            kv_type: KvType::F32,
         }
     }
 }
