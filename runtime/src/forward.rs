@@ -436,7 +436,8 @@ fn run_block(
     let tables = &s.rope[attention.rope_table][..n * c.rope_dim];
     backend.rope(&mut s.q[..n * q_dim], tables, c.rope_dim, c.head_dim, c.block.rope_style);
     backend.rope(&mut s.k[..n * kv_dim], tables, c.rope_dim, c.head_dim, c.block.rope_style);
-    if cache.read().kv_type().rotates_heads() && c.head_dim.is_power_of_two() {
+    let kv_type = cache.read().kv_type();
+    if kv_type.rotates_heads() && c.head_dim.is_power_of_two() {
         // An 8-bit cache stores keys rotated per head by an orthonormal Hadamard, which
         // spreads outlier channels over the head before quantization; the queries get the
         // same rotation, so every score is unchanged. (Rotating values too, and the
@@ -445,7 +446,7 @@ fn run_block(
         rotate_heads(&mut s.q[..n * q_dim], c.head_dim);
         rotate_heads(&mut s.k[..n * kv_dim], c.head_dim);
     }
-    let rotate_values = cache.read().kv_type().rotates_values() && c.head_dim.is_power_of_two();
+    let rotate_values = kv_type.rotates_values() && c.head_dim.is_power_of_two();
     if rotate_values {
         // A 4-bit cache stores values rotated as well; the output is rotated back below.
         rotate_heads(&mut s.v[..n * kv_dim], c.head_dim);

@@ -62,11 +62,6 @@ impl KvType {
         matches!(self, KvType::Q4)
     }
 
-    /// Whether the cache holds codes and scales rather than floats.
-    pub const fn is_quantized(self) -> bool {
-        matches!(self, KvType::Q8 | KvType::Q4)
-    }
-
     /// The name `--kv-type` takes (`f32`, `f16`, `q8`, `q4`).
     pub const fn name(self) -> &'static str {
         match self {
@@ -272,7 +267,7 @@ pub enum KvRows<'a> {
 
 /// The signed 4-bit code `i` of `codes` (see [`KvRows::Q4`]).
 #[inline]
-pub fn q4_code(codes: &[u8], i: usize) -> i8 {
+fn q4_code(codes: &[u8], i: usize) -> i8 {
     ((codes[i / 2] >> (4 * (i % 2))) & 0xF) as i8 - 8
 }
 

@@ -17,7 +17,7 @@ use core::arch::asm;
 use core::arch::x86_64::*;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use super::x86::{contribution, K_QUANT, MINIMUM, OFFSET, SIX_BIT};
+use super::x86::{contribution, family_tag, K_QUANT, MINIMUM, OFFSET, SIX_BIT};
 use super::{Family, Panel, PanelLine, Q8Batch, LINES_PER_BLOCK, PANEL_ROWS};
 use crate::blocks::BLOCK_LEN;
 
@@ -131,12 +131,7 @@ struct ChunkSums([[[i32; PANEL_ROWS]; TILE_TOKENS]; CHUNK]);
 /// See [`super::PanelGemm::run`]; the caller has checked every length, that this CPU has
 /// AVX-512 F, BW and VNNI, and that [`available`] said yes.
 pub(super) fn gemm(panel: &Panel<'_>, family: Family, x: &Q8Batch<'_>, out: &mut [f32], stride: usize) {
-    let (tag, offset) = match family {
-        Family::Offset(offset) => (OFFSET, offset),
-        Family::Minimum => (MINIMUM, 0),
-        Family::KQuant => (K_QUANT, 0),
-        Family::SixBit => (SIX_BIT, 0),
-    };
+    let (tag, offset) = family_tag(family);
     let mut low = ChunkSums([[[0; PANEL_ROWS]; TILE_TOKENS]; CHUNK]);
     let mut high = ChunkSums([[[0; PANEL_ROWS]; TILE_TOKENS]; CHUNK]);
     let mut t0 = 0;

@@ -419,20 +419,10 @@ impl PanelGemm {
         None
     }
 
-    /// The fastest SIMD panel kernel this CPU runs, if any: AMX, then AVX-512 VNNI.
-    pub fn detect() -> Option<Self> {
-        Self::amx().or_else(|| Self::for_isa(Isa::Avx512Vnni))
-    }
-
     /// The instruction set of this kernel (AVX-512 VNNI for the AMX kernel too, whose float
     /// step uses it).
     pub fn isa(&self) -> Isa {
         self.isa
-    }
-
-    /// Whether the integer sums come from AMX tile multiplies.
-    pub fn uses_amx(&self) -> bool {
-        self.amx
     }
 
     /// A short name: `amx-int8`, or the instruction set's name.

@@ -19,12 +19,7 @@ pub(super) const SIX_BIT: u8 = 3;
 /// See [`super::PanelGemm::run`]; the caller has checked every length and that this CPU has
 /// AVX-512 F, BW and VNNI.
 pub(super) fn gemm(panel: &Panel<'_>, family: Family, x: &Q8Batch<'_>, out: &mut [f32], stride: usize) {
-    let (tag, offset) = match family {
-        Family::Offset(offset) => (OFFSET, offset),
-        Family::Minimum => (MINIMUM, 0),
-        Family::KQuant => (K_QUANT, 0),
-        Family::SixBit => (SIX_BIT, 0),
-    };
+    let (tag, offset) = family_tag(family);
     let mut t = 0;
     while t < x.tokens {
         let group = (x.tokens - t).min(4);
@@ -53,6 +48,16 @@ pub(super) fn gemm(panel: &Panel<'_>, family: Family, x: &Q8Batch<'_>, out: &mut
             }
         }
         t += group;
+    }
+}
+
+/// The family's tag for the monomorphized kernels, and its offset (0 but for `Offset`).
+pub(super) fn family_tag(family: Family) -> (u8, i32) {
+    match family {
+        Family::Offset(offset) => (OFFSET, offset),
+        Family::Minimum => (MINIMUM, 0),
+        Family::KQuant => (K_QUANT, 0),
+        Family::SixBit => (SIX_BIT, 0),
     }
 }
 
