@@ -50,6 +50,12 @@ enum Command {
         #[command(flatten)]
         generation: GenerationArgs,
     },
+    /// Serve a model over HTTP with OpenAI's API: `POST /v1/chat/completions` and
+    /// `/v1/completions` (`"stream": true` for server-sent events), `GET /v1/models` and
+    /// `/health`. Requests wait in a bounded queue (429 when full) for the workers, each
+    /// with its own session; a client that disconnects cancels its request. Listens on
+    /// loopback unless told otherwise.
+    Serve(ServeArgs),
     /// Import a decoder-only Llama-family model exported to ONNX (torch.onnx.export) into
     /// an f32 GGUF the runtime runs, with the tokenizer of another GGUF file.
     Convert(petrel_models::onnx_import::ConvertArgs),
@@ -180,6 +186,73 @@ struct GenerationArgs {
     kv_type: KvType,
 }
 
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// A known model name (pulled on first use) or a path to a GGUF file.
+    #[arg(long, short, default_value = "smollm2-135m")]
+    model: String,
+    /// The id clients send as `"model"` [default: the known name, or the file name
+    /// without its extension].
+    #[arg(long)]
+    model_id: Option<String>,
+    /// Address to listen on (`0.0.0.0` exposes the server to the network).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port to listen on (0 picks a free one, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Threads per worker (default: all available cores divided among the workers).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Requests computed at once, each on its own session (and KV cache).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Requests that may wait for a worker; beyond that the server answers 429.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// KV-cache capacity per worker in tokens (prompt + reply) [default: 2048, or the
+    /// model's context length if smaller].
+    #[arg(long)]
+    context: Option<usize>,
+    /// The largest `max_tokens` a request may ask for (and chat's default).
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// The largest request body in bytes (413 above).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// How the KV cache stores keys and values (as for `petrel run`).
+    #[arg(long, default_value = "f16", value_parser = parse_kv_type)]
+    kv_type: KvType,
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    let model = petrel::Model::open(&args.model, &petrel::ModelParams::default())?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = args.workers.max(1);
+    let model_id = args.model_id.clone().unwrap_or_else(|| match registry::known_model(&args.model) {
+        Some(known) => known.name.to_string(),
+        None => {
+            Path::new(&args.model).file_stem().map_or_else(|| args.model.clone(), |s| s.to_string_lossy().into_owned())
+        }
+    });
+    let config = petrel_server::ServeConfig {
+        model_id,
+        listen: std::net::SocketAddr::new(args.host, args.port),
+        session: petrel::SessionParams {
+            context: args.context.unwrap_or_else(|| model.context_length().min(2048)),
+            threads: args.threads.unwrap_or((cores / workers).max(1)),
+            kv_type: args.kv_type,
+            ..petrel::SessionParams::default()
+        },
+        workers,
+        queue: args.queue,
+        max_tokens: args.max_tokens.max(1),
+        max_body_bytes: args.max_body_bytes,
+    };
+    petrel_server::serve(&model, &config)?;
+    Ok(())
+}
+
 /// `--kv-type`'s parser.
 fn parse_kv_type(name: &str) -> Result<KvType, String> {
     KvType::parse(name).ok_or_else(|| {
@@ -235,6 +308,7 @@ fn main() {
     let result = match cli.command {
         Command::Pull { name } => pull(&name),
         Command::Run { generation, raw, token_ids, prompt } => run(&generation, raw, token_ids, &prompt),
+        Command::Serve(args) => serve(&args),
         Command::Convert(args) => petrel_models::onnx_import::run(&args).map(|n| {
             eprintln!("wrote {} ({n} tensors)", args.output.display());
         }),

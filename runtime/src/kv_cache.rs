@@ -210,6 +210,100 @@ impl Store {
 
 /// Fractions of `max |x| / 7` that [`q4_scale`] tries: clipping the largest values of a
 /// head to a smaller step costs less than the coarser step costs every other value.
+impl Store {
+    /// Appends elements `range` (and their heads' scales) to `out`, little-endian.
+    fn save(&self, range: core::ops::Range<usize>, out: &mut Vec<u8>) {
+        match self {
+            Store::F32(v) => v[range].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Store::F16(v) => v[range].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Store::Q8 { codes, scales, head_dim } => {
+                out.extend(codes[range.clone()].iter().map(|&c| c as u8));
+                let heads = range.start / head_dim..range.end / head_dim;
+                scales[heads].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            }
+            Store::Q4 { codes, scales, head_dim } => {
+                out.extend_from_slice(&codes[range.start / 2..range.end / 2]);
+                let heads = range.start / head_dim..range.end / head_dim;
+                scales[heads].iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            }
+        }
+    }
+
+    /// Reads what [`Store::save`] wrote for elements `range` from the front of `bytes`,
+    /// advancing it.
+    fn load(&mut self, range: core::ops::Range<usize>, bytes: &mut &[u8]) -> Result<(), StateError> {
+        let n = range.len();
+        match self {
+            Store::F32(v) => {
+                for (x, b) in v[range].iter_mut().zip(take(bytes, 4 * n)?.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Store::F16(v) => {
+                for (x, b) in v[range].iter_mut().zip(take(bytes, 2 * n)?.chunks_exact(2)) {
+                    *x = u16::from_le_bytes([b[0], b[1]]);
+                }
+            }
+            Store::Q8 { codes, scales, head_dim } => {
+                let heads = range.start / *head_dim..range.end / *head_dim;
+                for (c, &b) in codes[range].iter_mut().zip(take(bytes, n)?) {
+                    *c = b as i8;
+                }
+                let raw = take(bytes, 4 * heads.len())?;
+                for (x, b) in scales[heads].iter_mut().zip(raw.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Store::Q4 { codes, scales, head_dim } => {
+                let heads = range.start / *head_dim..range.end / *head_dim;
+                codes[range.start / 2..range.end / 2].copy_from_slice(take(bytes, n / 2)?);
+                let raw = take(bytes, 2 * heads.len())?;
+                for (x, b) in scales[heads].iter_mut().zip(raw.chunks_exact(2)) {
+                    *x = u16::from_le_bytes([b[0], b[1]]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `n` bytes off the front of `bytes`.
+fn take<'b>(bytes: &mut &'b [u8], n: usize) -> Result<&'b [u8], StateError> {
+    if bytes.len() < n {
+        return Err(StateError::Truncated);
+    }
+    let (head, rest) = bytes.split_at(n);
+    *bytes = rest;
+    Ok(head)
+}
+
+/// Reads a little-endian `u32` off the front of `bytes`.
+fn take_u32(bytes: &mut &[u8]) -> Result<u32, StateError> {
+    let b = take(bytes, 4)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Why [`KvCache::load`] refused a saved state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// The bytes end before the state does.
+    Truncated,
+    /// The state was saved from a cache of another shape or type: which property differs.
+    Mismatch(&'static str),
+    /// A layer holds more rows than this cache's capacity, or positions out of order.
+    Corrupt(&'static str),
+}
+
+impl core::fmt::Display for StateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StateError::Truncated => write!(f, "the saved cache state is truncated"),
+            StateError::Mismatch(what) => write!(f, "the saved cache state has another {what} than this session"),
+            StateError::Corrupt(what) => write!(f, "the saved cache state is corrupt: {what}"),
+        }
+    }
+}
+
 const Q4_CLIPS: [f32; 6] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75];
 
 /// The f16 scale of one head of a 4-bit cache: of `max |x| / 7` times each of
@@ -425,6 +519,73 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Appends the cache's contents to `out` (little-endian): the number of layers, the
+    /// key/value width, the head size and the type's name length and bytes, then per layer
+    /// its row count, the rows' positions (`u32` each) and the keys' and values' rows in
+    /// the cache's own encoding (scales after the codes). Only filled rows are written.
+    pub fn save(&self, out: &mut Vec<u8>) {
+        for x in [self.lens.len(), self.kv_dim, self.head_dim] {
+            out.extend_from_slice(&(x as u32).to_le_bytes());
+        }
+        out.push(self.kv_type.name().len() as u8);
+        out.extend_from_slice(self.kv_type.name().as_bytes());
+        for layer in 0..self.lens.len() {
+            let len = self.lens[layer];
+            out.extend_from_slice(&(len as u32).to_le_bytes());
+            self.positions(layer).iter().for_each(|p| out.extend_from_slice(&p.to_le_bytes()));
+            let start = layer * self.capacity * self.kv_dim;
+            self.k.save(start..start + len * self.kv_dim, out);
+            self.v.save(start..start + len * self.kv_dim, out);
+        }
+    }
+
+    /// Replaces the contents with a state [`KvCache::save`] wrote, from the front of
+    /// `bytes` (advanced past it). The cache must have the same layers, widths and type,
+    /// and room for every layer's rows; on an error the cache is left empty.
+    pub fn load(&mut self, bytes: &mut &[u8]) -> Result<(), StateError> {
+        let result = self.load_unchecked(bytes);
+        if result.is_err() {
+            self.truncate(0);
+        }
+        result
+    }
+
+    fn load_unchecked(&mut self, bytes: &mut &[u8]) -> Result<(), StateError> {
+        if take_u32(bytes)? as usize != self.lens.len() {
+            return Err(StateError::Mismatch("number of layers"));
+        }
+        if take_u32(bytes)? as usize != self.kv_dim || take_u32(bytes)? as usize != self.head_dim {
+            return Err(StateError::Mismatch("key/value shape"));
+        }
+        let name_len = take(bytes, 1)?[0] as usize;
+        if take(bytes, name_len)? != self.kv_type.name().as_bytes() {
+            return Err(StateError::Mismatch("KV-cache type"));
+        }
+        for layer in 0..self.lens.len() {
+            let len = take_u32(bytes)? as usize;
+            if len > self.capacity {
+                return Err(StateError::Corrupt("a layer holds more rows than the context"));
+            }
+            let first = layer * self.capacity;
+            let mut previous = None;
+            for slot in self.positions[first..first + len].iter_mut() {
+                let p = take_u32(bytes)?;
+                if previous.is_some_and(|q| p <= q) {
+                    return Err(StateError::Corrupt("positions out of order"));
+                }
+                previous = Some(p);
+                *slot = p;
+            }
+            let start = first * self.kv_dim;
+            self.k.load(start..start + len * self.kv_dim, bytes)?;
+            self.v.load(start..start + len * self.kv_dim, bytes)?;
+            self.lens[layer] = len;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,5 +639,52 @@ mod tests {
         assert_eq!(KvType::parse("q8"), Some(KvType::Q8));
         assert_eq!(KvType::parse("q4"), Some(KvType::Q4));
         assert_eq!(KvType::parse("q3"), None);
+    }
+
+    #[test]
+    fn saved_state_loads_back_exactly_and_bad_states_are_refused() {
+        let (layers, kv, head_dim) = (3, 16, 8);
+        for kv_type in KvType::ALL {
+            let mut cache = KvCache::sized(layers, kv, head_dim, 6, kv_type).expect("fits");
+            // Uneven fill levels, as a mixture-of-depths model leaves them.
+            for (layer, positions) in [(0usize, &[0usize, 1, 2][..]), (2, &[1, 2])] {
+                let rows = positions.len();
+                let k: Vec<f32> = (0..rows * kv).map(|i| (i as f32 * 0.71 + layer as f32).sin()).collect();
+                let v: Vec<f32> = k.iter().map(|x| x * -2.5).collect();
+                cache.append(layer, &k, &v, positions.iter().copied());
+            }
+            let mut saved = Vec::new();
+            cache.save(&mut saved);
+            let mut restored = KvCache::sized(layers, kv, head_dim, 4, kv_type).expect("fits");
+            let mut bytes = &saved[..];
+            restored.load(&mut bytes).expect("loads");
+            assert!(bytes.is_empty());
+            for layer in 0..layers {
+                assert_eq!(restored.positions(layer), cache.positions(layer));
+                let n = cache.len(layer) * kv;
+                for (a, b) in
+                    [(cache.layer(layer).0, restored.layer(layer).0), (cache.layer(layer).1, restored.layer(layer).1)]
+                {
+                    let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
+                    a.read(0..n, &mut x);
+                    b.read(0..n, &mut y);
+                    assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{kv_type:?} layer {layer}");
+                }
+            }
+            // Every truncation is refused and leaves the cache empty.
+            for cut in [0, 1, 13, saved.len() / 2, saved.len() - 1] {
+                let mut bytes = &saved[..cut];
+                assert_eq!(restored.load(&mut bytes), Err(StateError::Truncated), "cut at {cut}");
+                assert!(restored.is_empty());
+            }
+            // Another type, another width, too small a cache.
+            let other = if kv_type == KvType::F32 { KvType::F16 } else { KvType::F32 };
+            let mut wrong = KvCache::sized(layers, kv, head_dim, 6, other).expect("fits");
+            assert_eq!(wrong.load(&mut &saved[..]), Err(StateError::Mismatch("KV-cache type")));
+            let mut wrong = KvCache::sized(layers, 2 * kv, head_dim, 6, kv_type).expect("fits");
+            assert_eq!(wrong.load(&mut &saved[..]), Err(StateError::Mismatch("key/value shape")));
+            let mut small = KvCache::sized(layers, kv, head_dim, 2, kv_type).expect("fits");
+            assert!(matches!(small.load(&mut &saved[..]), Err(StateError::Corrupt(_))));
+        }
     }
 }

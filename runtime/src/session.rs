@@ -84,6 +84,8 @@ pub enum SessionError {
     KvTypeWithPrediction { kv_type: &'static str },
     /// A 4-bit cache needs an even head size of at most [`crate::ops::MAX_Q4_HEAD`].
     KvTypeHeadSize { kv_type: &'static str, head_dim: usize },
+    /// A saved state ([`Session::load_state`]) that does not fit this session.
+    BadState(crate::kv_cache::StateError),
 }
 
 impl fmt::Display for SessionError {
@@ -116,6 +118,7 @@ impl fmt::Display for SessionError {
                 "a {kv_type} cache needs an even head size of at most {}, and this model's is {head_dim}",
                 crate::ops::MAX_Q4_HEAD
             ),
+            SessionError::BadState(e) => write!(f, "{e}"),
         }
     }
 }
@@ -422,6 +425,45 @@ impl<'m, 'a> Session<'m, 'a> {
             self.prefill_routing,
         );
         self.position += tokens.len();
+        Ok(())
+    }
+
+    /// Appends the conversation's state to `out`: the position (`u64`, little-endian)
+    /// and the cache ([`KvCache::save`]). With [`Session::load_state`], a conversation
+    /// continues later, or in another process, exactly where it stopped.
+    pub fn save_state(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.position as u64).to_le_bytes());
+        self.cache.save(out);
+    }
+
+    /// Replaces the conversation with one [`Session::save_state`] wrote, from a session of
+    /// the same model and cache type (the context may differ if it holds the saved
+    /// positions). On an error the session is reset.
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        let result = self.load_state_unchecked(bytes);
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn load_state_unchecked(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        use crate::kv_cache::StateError;
+        let (head, mut rest) = bytes.split_at_checked(8).ok_or(SessionError::BadState(StateError::Truncated))?;
+        let mut position = [0u8; 8];
+        position.copy_from_slice(head);
+        let position = u64::from_le_bytes(position);
+        self.cache.load(&mut rest).map_err(SessionError::BadState)?;
+        if !rest.is_empty() {
+            return Err(SessionError::BadState(StateError::Corrupt("bytes after the cache")));
+        }
+        let capacity = self.cache.capacity() as u64;
+        let beyond = (0..self.model.config.layers)
+            .any(|l| self.cache.positions(l).last().is_some_and(|&p| p as u64 >= position));
+        if position > capacity || beyond {
+            return Err(SessionError::BadState(StateError::Corrupt("the position does not match the cache")));
+        }
+        self.position = position as usize;
         Ok(())
     }
 
