@@ -5,8 +5,8 @@
 #   $PETREL_HOME/llama-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/*.jinja
 #   $PETREL_HOME/llama-sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*.gguf{,.inp,.out}
 #   $PETREL_HOME/llama-sdist/llama_cpp_python-0.3.36/llama_cpp/llama_chat_format.py
-# The sdist comes from PyPI through pip (`pip download --no-binary :all:`), as in
-# bench/llama/setup.sh; only those files are unpacked, nothing is built. Idempotent.
+# The sdist comes from PyPI (its simple index); only those files are unpacked, nothing is
+# built. Idempotent.
 set -euo pipefail
 PETREL_HOME=${PETREL_HOME:-$HOME/.cache/petrel}
 PYTHON=${PYTHON:-python3}
@@ -21,7 +21,28 @@ fi
 mkdir -p "$DIR"
 tarball=$DIR/llama_cpp_python-$VERSION.tar.gz
 if [[ ! -f $tarball ]]; then
-    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$DIR"
+    # The sdist file itself, located through PyPI's simple index (PEP 691 JSON) and
+    # SHA-256 checked. (`pip download --no-binary :all:` would also prepare its metadata,
+    # which builds CMake from source first: 30+ minutes on 2 cores.)
+    "$PYTHON" - "$VERSION" "$tarball" <<'PY'
+import hashlib, json, os, sys, urllib.request
+version, target = sys.argv[1], sys.argv[2]
+name = f"llama_cpp_python-{version}.tar.gz"
+index = urllib.request.Request(
+    "https://pypi.org/simple/llama-cpp-python/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+)
+with urllib.request.urlopen(index, timeout=60) as r:
+    entry = next(f for f in json.load(r)["files"] if f["filename"] == name)
+with urllib.request.urlopen(entry["url"], timeout=600) as r:
+    data = r.read()
+digest = hashlib.sha256(data).hexdigest()
+if digest != entry["hashes"]["sha256"]:
+    sys.exit(f"SHA-256 mismatch for {name}: {digest}")
+with open(target + ".partial", "wb") as f:
+    f.write(data)
+os.replace(target + ".partial", target)
+print(f"downloaded {name} ({len(data) / 1e6:.1f} MB, SHA-256 checked)")
+PY
 fi
 tar -xzf "$tarball" -C "$DIR" --wildcards \
     "llama_cpp_python-$VERSION/vendor/llama.cpp/models/templates/*" \
