@@ -20,6 +20,7 @@ fn to_py(e: petrel::Error) -> PyErr {
     let message = e.to_string();
     match e.kind() {
         ErrorKind::InvalidArgument | ErrorKind::ContextFull | ErrorKind::Template => PyValueError::new_err(message),
+        ErrorKind::UnknownModel => PyFileNotFoundError::new_err(message),
         ErrorKind::Io if message.contains("No such file") => PyFileNotFoundError::new_err(message),
         ErrorKind::Io => PyOSError::new_err(message),
         _ => PetrelError::new_err(message),
