@@ -239,7 +239,7 @@ fn same_file_bench(args: &Args) -> Result<()> {
     let models = if args.models.is_empty() {
         default_models()?
     } else {
-        args.models.iter().map(|m| registry::resolve(m)).collect::<Result<Vec<_>>>()?
+        args.models.iter().map(|m| registry::resolve(m)).collect::<Result<Vec<_>, _>>()?
     };
     let mut rows = Vec::new();
     let mut weight_bytes = Vec::new();
