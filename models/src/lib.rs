@@ -8,6 +8,7 @@ pub mod corpus;
 pub mod gguf_out;
 pub mod kvp_fit;
 pub mod kvp_train;
+#[cfg(feature = "tract")]
 pub mod onnx_import;
 pub mod quantize;
 pub mod registry;

@@ -58,6 +58,7 @@ enum Command {
     Serve(ServeArgs),
     /// Import a decoder-only Llama-family model exported to ONNX (torch.onnx.export) into
     /// an f32 GGUF the runtime runs, with the tokenizer of another GGUF file.
+    #[cfg(feature = "tract")]
     Convert(petrel_models::onnx_import::ConvertArgs),
     /// Quantize a model to W4 (W4A4, W4A8, W4A16), optionally rotated (QuaRot) and with
     /// GPTQ, into a GGUF the runtime runs.
@@ -175,7 +176,7 @@ struct GenerationArgs {
     #[arg(long)]
     kv_prediction: bool,
     /// Which backend computes: Petrel's own kernels, candle on its CPU device, or tract's
-    /// matrix kernels.
+    /// matrix kernels (in builds with `--features tract`).
     #[arg(long, value_enum, default_value = "native")]
     backend: BackendChoice,
     /// How the KV cache stores keys and values: `f16` (half of f32's bytes per token, the
@@ -309,6 +310,7 @@ fn main() {
         Command::Pull { name } => pull(&name),
         Command::Run { generation, raw, token_ids, prompt } => run(&generation, raw, token_ids, &prompt),
         Command::Serve(args) => serve(&args),
+        #[cfg(feature = "tract")]
         Command::Convert(args) => petrel_models::onnx_import::run(&args).map(|n| {
             eprintln!("wrote {} ({n} tensors)", args.output.display());
         }),

@@ -4,6 +4,7 @@
 //! script), on every backend (native, candle, tract). Both sides compute in f32, so they must
 //! agree to float rounding; a wrong RoPE permutation, head grouping or tied head moves
 //! logits by far more than the tolerance.
+#![cfg(feature = "tract")]
 
 use std::path::PathBuf;
 use std::process::Command;

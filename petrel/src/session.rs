@@ -391,7 +391,8 @@ impl Session {
     }
 
     /// Saves the conversation (its tokens and KV cache) to `path`; see [`crate::state`].
-    pub fn save_state(&self, path: &std::path::Path) -> Result<()> {
+    pub fn save_state(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
         let mut cache = Vec::new();
         self.cell.borrow_dependent().save_state(&mut cache);
         crate::state::write(path, &self.model, self.params.kv_type, &self.history, &cache)
@@ -400,7 +401,8 @@ impl Session {
     /// Restores a conversation [`Session::save_state`] wrote, from a session of the same
     /// model file and KV-cache type. A file of another model, a truncated or altered file
     /// is refused, and the session is then empty.
-    pub fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
+    pub fn load_state(&mut self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let path = path.as_ref();
         let result = crate::state::read(path, &self.model, self.params.kv_type).and_then(|(tokens, cache)| {
             self.cell.with_dependent_mut(|_, session| session.load_state(&cache)).map_err(Error::from)?;
             if tokens.len() < self.position() || tokens.len() > self.position() + 1 {
