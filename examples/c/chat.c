@@ -34,7 +34,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     petrel_session_params session_params = petrel_session_default_params();
-    session_params.context = 512;
+    uint32_t trained = petrel_model_context_length(model);
+    session_params.context = trained < 512 ? trained : 512; /* tokens of KV cache */
     petrel_session *session = petrel_session_new(model, &session_params);
     /* The session keeps the model alive; this handle is no longer needed. */
     petrel_model_free(model);
